@@ -198,3 +198,293 @@ def test_pickled_code_refused_and_not_run(tmp_path):
     with pytest.raises(M.CheckpointError, match="refused"):
         M.load_checkpoint(p)
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny data sets written by the tests
+# ------------------------------------------------------------------------------------------------
+def toy_images(n, num_classes, seed=0, size=32):
+    """Learnable toy images: each class has its own colour, plus noise. Returns uint8 [n,3,s,s], labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    palette = np.random.default_rng(1234).integers(30, 226, size=(num_classes, 3))  # same colours in every split
+    x = palette[labels][:, :, None, None] + rng.normal(0, 20, size=(n, 3, size, size))
+    return np.clip(x, 0, 255).astype(np.uint8), labels
+
+
+def write_tiny_cifar(root, name="cifar10", n_train=128, n_test=40, seed=0):
+    """The official python-version layout (pickled dicts of 3072-byte rows), readable by cifar.py."""
+    ncls = 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    xtr, ytr = toy_images(n_train, ncls, seed)
+    xte, yte = toy_images(n_test, ncls, seed + 1)
+    if name == "cifar10":
+        chunks = np.array_split(np.arange(n_train), 5)
+        parts = [(f"data_batch_{i + 1}", xtr[c], ytr[c]) for i, c in enumerate(chunks)] + [("test_batch", xte, yte)]
+        meta = ("batches.meta", {"label_names": [f"class{i}" for i in range(ncls)]})
+    else:
+        parts = [("train", xtr, ytr), ("test", xte, yte)]
+        meta = ("meta", {"fine_label_names": [f"class{i}" for i in range(ncls)]})
+    for fname, x, y in parts:
+        with open(folder / fname, "wb") as f:
+            pickle.dump({"data": x.reshape(len(x), -1), label_key: [int(v) for v in y]}, f)
+    with open(folder / meta[0], "wb") as f:
+        pickle.dump(meta[1], f)
+    return root
+
+
+def write_image_folder(root, splits=("train", "val"), per_class=(6, 3), classes=("cat", "dog", "fox"), size=40,
+                       fmt="JPEG", seed=0):
+    from PIL import Image
+    for split, n in zip(splits, per_class):
+        x, y = toy_images(n * len(classes), len(classes), seed + len(split), size)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / classes[label]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.transpose(1, 2, 0)).save(d / f"{i:04d}.{'jpg' if fmt == 'JPEG' else 'png'}", fmt)
+    return root
+
+
+def run_script(script, *args, timeout=600, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, **kw)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+def assert_state_equal(a, b):
+    """Bit-for-bit equality of two nested structures of tensors and numbers."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            assert_state_equal(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_state_equal(x, y)
+    else:
+        assert a == b
+
+
+# ------------------------------------------------------------------------------------------------
+# cifar.py
+# ------------------------------------------------------------------------------------------------
+import cifar  # noqa: E402
+
+CIFAR_FAST = ["--batch-size", "16", "--log-every", "1", "--workers", "1"]
+
+
+def test_cifar_reads_official_format(tmp_path):
+    for name, ncls in (("cifar10", 10), ("cifar100", 100)):
+        write_tiny_cifar(tmp_path / name, name, n_train=150, n_test=30)
+        x_tr, y_tr, x_te, y_te, classes, mean, std = cifar.load_cifar(name, str(tmp_path / name))
+        assert x_tr.shape == (150, 3, 32, 32) and x_tr.dtype == torch.uint8 and y_tr.dtype == torch.int64
+        assert x_te.shape == (30, 3, 32, 32) and len(classes) == ncls and classes[1] == "class1"
+        ref, ref_y = toy_images(150, ncls, 0)
+        assert torch.equal(x_tr, torch.from_numpy(ref)) and y_tr.tolist() == ref_y.tolist()
+
+
+def test_cifar_folder_loader_resizes_and_converts(tmp_path):
+    from PIL import Image
+    write_image_folder(tmp_path, splits=("train", "test"), size=48)
+    Image.new("L", (20, 30), 7).save(tmp_path / "train" / "cat" / "gray.png")
+    Image.new("CMYK", (32, 32)).save(tmp_path / "train" / "dog" / "cmyk.jpg")
+    x_tr, y_tr, x_te, y_te, classes, mean, std = cifar.load_folder(str(tmp_path), 1)
+    assert classes == ["cat", "dog", "fox"] and x_tr.shape == (20, 3, 32, 32) and len(y_te) == 9
+    assert len(mean) == 3 and all(0 < s < 1 for s in std)
+
+
+def test_batch_augmentation_shapes_dtypes_labels():
+    args = cifar.get_args(["--cutout", "8", "--out", "unused"])
+    B = 32
+    # Image b is filled with value 5 + 7b, so every surviving pixel tells which image it came from.
+    x = (torch.arange(B, dtype=torch.uint8) * 7 + 5).view(B, 1, 1, 1).expand(B, 3, 32, 32).contiguous()
+    r = cifar.batch_randomness(args, 0, 3, 1, 1000, B)
+    out = cifar.augment(x, r, (0, 0, 0), (1 / 255,) * 3, 4, 0, True)
+    assert out.shape == (B, 3, 32, 32) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    saw_padding = False
+    for b in range(B):
+        vals = set(out[b].round().unique().tolist())
+        assert vals <= {0.0, 5.0 + 7 * b}, vals
+        assert 5.0 + 7 * b in vals
+        saw_padding |= 0.0 in vals
+        dy, dx = r["shift"][b]
+        assert (0.0 in vals) == (dy != 4 or dx != 4)
+    assert saw_padding
+    # The crop is the padded image's window: with shift (dy, dx) the zero rows sit on the expected side.
+    x2 = torch.full((1, 3, 32, 32), 100, dtype=torch.uint8)
+    r2 = dict(r, shift=np.array([[0, 8]]), flip=np.array([False]))
+    o2 = cifar.augment(x2, r2, (0, 0, 0), (1 / 255,) * 3, 4, 0, False)
+    assert torch.all(o2[0, :, :4, :] == 0) and torch.all(o2[0, :, 4:, :28] == 100) and torch.all(o2[0, :, :, 28:] == 0)
+    # Flip mirrors; CutOut zeroes an 8x8 square (after normalisation) inside the image.
+    x3 = torch.arange(32, dtype=torch.uint8).view(1, 1, 1, 32).expand(1, 3, 32, 32).contiguous()
+    r3 = dict(r, flip=np.array([True]), cut_center=np.array([[16, 16]]))
+    o3 = cifar.augment(x3, r3, (0, 0, 0), (1 / 255,) * 3, 0, 8, False)
+    assert o3[0, 0, 0, 0] == 31 and o3[0, 0, 0, 31] == 0
+    assert (o3[0, 0] == 0).sum() == 8 * 8 + 32  # the hole, plus column 31, where the mirrored ramp is 0
+    assert torch.all(o3[0, :, 12:20, 12:20] == 0)
+
+
+def test_mixup_cutmix_weights():
+    x = torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)])
+    mixed, lam = cifar.mix_batch(x, ("mixup", 0.3, None))
+    assert lam == 0.3 and torch.allclose(mixed[0], torch.full((3, 32, 32), 0.7))
+    mixed, lam = cifar.mix_batch(x, ("cutmix", 0.75, np.array([16, 16])))
+    assert abs(mixed[0].mean().item() - (1 - lam)) < 1e-6 and 0.7 < lam < 0.8
+    mixed, lam = cifar.mix_batch(x, ("cutmix", 0.5, np.array([0, 0])))  # clipped box: lam follows the real area
+    assert abs(mixed[0].mean().item() - (1 - lam)) < 1e-6
+    args = cifar.get_args(["--mixup", "0.2", "--cutmix", "1.0", "--out", "unused"])
+    kinds = {cifar.batch_randomness(args, 0, 0, s, 100, 8)["mix"][0] for s in range(20)}
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_cifar_two_epochs_writes_outputs_and_learns(tmp_path, capsys):
+    write_tiny_cifar(tmp_path / "d", n_train=160, n_test=40)
+    out = tmp_path / "run"
+    rc = cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "d"), "--epochs", "3", "--lr", "0.01",
+                     "--out", str(out), "--ema", "0.9", "--json", "--tensorboard", *CIFAR_FAST])
+    assert rc == 0
+    assert (out / "last.pt").exists() and (out / "best.pt").exists()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for key in ("lr", "train_loss", "train_top1", "train_img_per_s", "val_loss", "val_top1", "val_top5", "time_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert "val_top1_tta" in rows[-1] and "val_top1_tta" not in rows[0]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_top1"] >= 80.0  # colour-coded classes are easy once the net trains at all
+    text = capsys.readouterr().out
+    assert "step 10/10" in text and "img/s" in text and "eta" in text
+    summary = json.loads(text.strip().splitlines()[-1])
+    assert summary["best_val_top1"] == max(r["val_top1"] for r in rows)
+    best = M.load_checkpoint(out / "best.pt")
+    assert best["classes"][0] == "class0" and best["stem"] == "cifar" and best["image_size"] == 32
+    assert best["val_top1"] == summary["best_val_top1"] and best["ema"] is not None
+    # a finished run resumes to "nothing left to do" without touching the checkpoint
+    before = (out / "last.pt").read_bytes()
+    assert cifar.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "d"), "--epochs", "3", "--lr", "0.01",
+                       "--out", str(out), "--ema", "0.9", "--resume", "auto", *CIFAR_FAST]) == 0
+    assert (out / "last.pt").read_bytes() == before
+
+
+def _wait_for_line(proc, needle, timeout=300):
+    t0, seen = time.time(), []
+    while time.time() - t0 < timeout:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} never printed:\n{''.join(seen)}")
+
+
+def test_cifar_sigterm_resume_is_bit_identical(tmp_path):
+    data = write_tiny_cifar(tmp_path / "d", n_train=128, n_test=20)
+    common = ["--dataset", "cifar10", "--data-dir", data, "--epochs", "2", "--ema", "0.9", "--mixup", "0.2",
+              "--cutmix", "1.0", "--cutout", "8", "--label-smoothing", "0.1", "--nesterov", "--lr", "0.05", *CIFAR_FAST]
+    ref = run_script("cifar.py", *common, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "cifar.py"), *map(str, common), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    _wait_for_line(proc, "epoch 1/2 step 3/8")
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    assert "stopped by signal" in rest and "Traceback" not in rest
+    mid = M.load_checkpoint(out / "last.pt")
+    assert mid["epoch"] == 0 and 3 <= mid["step"] < 8  # stopped inside epoch 1, at a step boundary
+    res = run_script("cifar.py", *common, "--out", out, "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout
+    a, b = M.load_checkpoint(tmp_path / "ref" / "last.pt"), M.load_checkpoint(out / "last.pt")
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "ema_updates"):
+        assert_state_equal(a[key], b[key])
+    ra, rb = read_jsonl(tmp_path / "ref" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == [1, 2]
+    for x, y in zip(ra, rb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-9) and x["val_top1"] == y["val_top1"]
+
+
+def _cifar_error(capsys, *argv):
+    rc = cifar.main(list(map(str, argv)))
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    return err
+
+
+def test_cifar_bad_flags(capsys, tmp_path):
+    assert "--epochs" in _cifar_error(capsys, "--epochs", "0")
+    assert "--batch-size" in _cifar_error(capsys, "--batch-size", "-4")
+    assert "--lr" in _cifar_error(capsys, "--lr", "-1")
+    assert "--lr" in _cifar_error(capsys, "--lr", "nan")
+    assert "invalid choice" in _cifar_error(capsys, "--arch", "resnet19")
+    assert "unrecognized" in _cifar_error(capsys, "--frobnicate")
+    write_tiny_cifar(tmp_path / "d", n_train=10, n_test=10)
+    assert "larger than the training set" in _cifar_error(capsys, "--dataset", "cifar10", "--data-dir", tmp_path / "d",
+                                                          "--batch-size", "64", "--out", tmp_path / "o")
+
+
+def test_cifar_bad_data(capsys, tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    err = _cifar_error(capsys, "--dataset", "cifar100", "--data-dir", tmp_path / "none", "--out", tmp_path / "o")
+    assert "cifar-100-python.tar.gz" in err and "download" in err
+    (tmp_path / "empty").mkdir()
+    assert "must hold train" in _cifar_error(capsys, "--dataset", "folder", "--data-dir", tmp_path / "empty")
+    assert "must hold train" in _cifar_error(capsys, "--dataset", "folder", "--data-dir", tmp_path / "missing")
+    (tmp_path / "noimg" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "test" / "a").mkdir(parents=True)
+    assert "no images" in _cifar_error(capsys, "--dataset", "folder", "--data-dir", tmp_path / "noimg")
+    write_image_folder(tmp_path / "mism", splits=("train",))
+    write_image_folder(tmp_path / "mism", splits=("test",), classes=("cat", "dog", "owl"))
+    assert "different classes" in _cifar_error(capsys, "--dataset", "folder", "--data-dir", tmp_path / "mism")
+    write_image_folder(tmp_path / "broken", splits=("train", "test"))
+    (tmp_path / "broken" / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert "bad.jpg" in _cifar_error(capsys, "--dataset", "folder", "--data-dir", tmp_path / "broken")
+    (tmp_path / "d" / "cifar-10-batches-py").mkdir(parents=True)
+    assert "data_batch_1" in _cifar_error(capsys, "--dataset", "cifar10", "--data-dir", tmp_path / "d")
+
+
+def test_cifar_bad_checkpoints_never_overwrite(capsys, tmp_path):
+    data = write_tiny_cifar(tmp_path / "d", n_train=32, n_test=16)
+    out = tmp_path / "run"
+    base = ["--dataset", "cifar10", "--data-dir", data, "--epochs", "1", "--out", out, *CIFAR_FAST]
+    assert cifar.main(list(map(str, base))) == 0
+    last, best = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
+    assert "--resume auto" in _cifar_error(capsys, *base)  # a fresh start would clobber the run
+    assert "resnet18" in _cifar_error(capsys, *base, "--arch", "resnet34", "--resume", "auto")
+    assert "--epochs" in _cifar_error(capsys, *base[:-len(CIFAR_FAST)], "--epochs", "5", "--resume", "auto", *CIFAR_FAST)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(last[: len(last) // 3])
+    assert "cannot be read" in _cifar_error(capsys, *base, "--resume", trunc)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    assert "not a cifar.py training checkpoint" in _cifar_error(capsys, *base, "--resume", tmp_path / "foreign.pt")
+    write_evil_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
+    assert "refused" in _cifar_error(capsys, *base, "--resume", tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+    assert "no such file" in _cifar_error(capsys, *base, "--resume", tmp_path / "nope.pt")
+    assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
+
+
+def test_cifar_benchmark_prints_json(tmp_path, capsys):
+    data = write_tiny_cifar(tmp_path / "d", n_train=64, n_test=16)
+    assert cifar.main(["--dataset", "cifar10", "--data-dir", str(data), "--benchmark", "2", "--batch-size", "16",
+                       "--out", str(tmp_path / "o")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("compute_img_per_s", "pipeline_img_per_s", "pipeline_vs_compute", "train_gflop_per_img", "mfu"):
+        assert res[key] > 0, key
+    assert 3.0 < res["train_gflop_per_img"] < 3.6  # ResNet-18 CIFAR: 0.56 GMAC = 1.11 GFLOP forward, x3 for training
+    assert not (tmp_path / "o").exists()  # a benchmark writes nothing
