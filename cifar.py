@@ -160,21 +160,30 @@ def param_groups(model, wd):
 class EMA:
     """Exponential moving average of weights and BN buffers (Polyak averaging). Evaluating the average
     rather than the last iterate smooths out SGD noise: typically +0.3-1% top-1 on short schedules.
-    The decay ramps up as (1+n)/(10+n) so early averages are not dominated by the random init."""
+    The decay ramps up as (1+n)/(10+n) so early averages are not dominated by the random init.
+    copy_buffers=True takes BN statistics from the live model instead of averaging them (the DDP trainer
+    needs this: the live model's statistics are re-synchronised across ranks, an average of them is not)."""
 
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
+    def __init__(self, model, decay, copy_buffers=False):
+        self.decay, self.updates, self.copy_buffers = decay, 0, copy_buffers
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model):
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.lerp_(m.detach(), 1.0 - d)
+        for e, m in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(m.detach(), 1.0 - d)
+        for e, m in zip(self.module.buffers(), model.buffers()):
+            if e.dtype.is_floating_point and not self.copy_buffers:
+                e.lerp_(m, 1.0 - d)
             else:
                 e.copy_(m)
+
+    @torch.no_grad()
+    def copy_buffers_from(self, model):
+        for e, m in zip(self.module.buffers(), model.buffers()):
+            e.copy_(m)
 
     def state_dict(self):
         return self.module.state_dict()
@@ -189,11 +198,11 @@ class StopFlag:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves last.pt and exits. A second Ctrl-C
     kills at once (the default handler is restored after the first)."""
 
-    def __init__(self):
-        self.signum, self.previous = None, {}
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signum, self.previous, self.signals = None, {}, signals
 
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in self.signals:
             self.previous[s] = signal.signal(s, self._handler)
         return self
 
@@ -489,6 +498,7 @@ class Metrics:
     """OUT/metrics.jsonl (one JSON per epoch) and, optionally, TensorBoard."""
 
     def __init__(self, out, keep_before_epoch, tensorboard):
+        os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, "metrics.jsonl")
         kept = []
         if keep_before_epoch > 0 and os.path.exists(self.path):  # drop epochs the resumed run will redo
@@ -549,7 +559,6 @@ def train(args):
         carry = resume["epoch_sums"]
         torch.set_rng_state(resume["rng_cpu"])
         print(f"resumed from {args.resume} at epoch {start_epoch + 1} step {start_step}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     metrics = Metrics(args.out, start_epoch if resume is not None else 0, args.tensorboard)
     info = rebuild_info(args, classes, mean, std)
     eval_model = ema.module if ema is not None else model

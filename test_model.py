@@ -488,3 +488,191 @@ def test_cifar_benchmark_prints_json(tmp_path, capsys):
         assert res[key] > 0, key
     assert 3.0 < res["train_gflop_per_img"] < 3.6  # ResNet-18 CIFAR: 0.56 GMAC = 1.11 GFLOP forward, x3 for training
     assert not (tmp_path / "o").exists()  # a benchmark writes nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# imagenet_ddp.py (CPU, gloo, tiny ImageFolder)
+# ------------------------------------------------------------------------------------------------
+import imagenet_ddp  # noqa: E402
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, *args, nnodes=1, node_rank=0, port=None, popen=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    cmd += [f"--nproc_per_node={nproc}", os.path.join(HERE, "imagenet_ddp.py"), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
+
+
+@pytest.fixture(scope="module")
+def inet_data(tmp_path_factory):
+    # 3 classes x 32 train images; 3 x 3 = 9 val images: not divisible by world size x batch size (2 x 4)
+    root = tmp_path_factory.mktemp("inet")
+    return write_image_folder(root, per_class=(32, 3), size=40)
+
+
+DDP_COMMON = ["--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--workers", "1",
+              "--warmup-epochs", "1", "--lr", "0.05", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0",
+              "--log-every", "1", "--json", "--save-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(inet_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_ref")
+    res = torchrun(2, "--data", inet_data, "--out", out, *DDP_COMMON)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_ddp_two_processes_train_in_sync_with_exact_val_count(ddp_reference):
+    out, stdout = ddp_reference
+    summary = json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
+    assert summary["world_size"] == 2 and summary["weights_in_sync"] is True
+    assert summary["val_images"] == 9
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("lr", "train_loss", "train_img_per_s", "data_wait_pct", "val_top1", "val_top5", "val_images", "time_s"):
+        assert key in rows[0], key
+    assert all(r["val_images"] == 9 for r in rows)
+    ck = M.load_checkpoint(out / "last.pt")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert ck["world_size"] == 2 and ck["global_batch"] == 8 and ck["epoch"] == 2 and ck["step"] == 0
+    assert "step 12/12" in stdout and "data-wait" in stdout and "eta" in stdout
+
+
+def test_ddp_sigterm_to_one_rank_then_resume_is_bit_identical(ddp_reference, inet_data, tmp_path):
+    ref_out, _ = ddp_reference
+    out = tmp_path / "run"
+    proc = torchrun(2, "--data", inet_data, "--out", out, *DDP_COMMON, popen=True)
+    _wait_for_line(proc, "epoch 1/2 step 2/12")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGTERM)  # a scheduler may signal a single rank
+    rest, _ = proc.communicate(timeout=300)
+    assert "stopped by signal at epoch 1" in rest, rest[-3000:]
+    assert 'imagenet_ddp.py", line' not in rest  # no traceback from our code on any rank
+    mid = M.load_checkpoint(out / "last.pt")
+    assert mid["epoch"] == 0 and 2 <= mid["step"] < 12
+    res = torchrun(2, "--data", inet_data, "--out", out, *DDP_COMMON, "--resume", "auto")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed from auto at epoch 1 step" in res.stdout
+    a, b = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(out / "last.pt")
+    for key in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "ema_updates"):
+        assert_state_equal(a[key], b[key])
+
+
+def test_ddp_two_nodes_equal_one_node_two_processes(ddp_reference, inet_data, tmp_path):
+    ref_out, _ = ddp_reference
+    port = free_port()
+    procs = [torchrun(1, "--data", inet_data, "--out", tmp_path / "n", *DDP_COMMON, nnodes=2, node_rank=r, port=port,
+                      popen=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:]
+    a, b = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(tmp_path / "n" / "last.pt")
+    assert_state_equal(a["model"], b["model"])
+    assert_state_equal(a["ema"], b["ema"])
+
+
+def test_ddp_evaluate_independent_of_world_size(ddp_reference, inet_data):
+    ref_out, _ = ddp_reference
+    one = run_script("imagenet_ddp.py", "--data", inet_data, "--evaluate", "--resume", ref_out / "best.pt",
+                     "--batch-size", "4", "--workers", "0")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "--data", inet_data, "--evaluate", "--resume", ref_out / "best.pt", "--batch-size", "4",
+                   "--workers", "0")
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads(one.stdout.strip().splitlines()[-1])
+    r2 = json.loads([l for l in two.stdout.splitlines() if l.startswith("{")][-1])
+    assert set(r1) == {"val_top1", "val_top5", "val_loss", "val_images"}
+    assert r1["val_images"] == r2["val_images"] == 9
+    assert r1["val_top1"] == r2["val_top1"] and r1["val_top5"] == r2["val_top5"]
+    assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-5)
+
+
+def test_ddp_bad_data_fails_fast_on_every_rank(tmp_path):
+    write_image_folder(tmp_path / "noval", splits=("train",))
+    t0 = time.time()
+    res = torchrun(2, "--data", tmp_path / "noval", "--out", tmp_path / "o", "--arch", "resnet18")
+    assert res.returncode != 0 and time.time() - t0 < 120
+    assert res.stderr.count("imagenet_ddp.py: error:") == 2 and "no val/ folder" in res.stderr  # one line per rank
+    assert 'imagenet_ddp.py", line' not in res.stderr + res.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def _ddp_error(capsys, *argv):
+    rc = imagenet_ddp.main(list(map(str, argv)))
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "error:" in err, err
+    return err
+
+
+def test_ddp_bad_inputs_single_process(capsys, tmp_path, inet_data):
+    assert "no train/" in _ddp_error(capsys, "--data", tmp_path / "missing")
+    write_image_folder(tmp_path / "mism", splits=("train",))
+    write_image_folder(tmp_path / "mism", splits=("val",), classes=("cat", "dog", "owl"))
+    assert "different classes" in _ddp_error(capsys, "--data", tmp_path / "mism")
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "a").mkdir(parents=True)
+    assert "no images" in _ddp_error(capsys, "--data", tmp_path / "empty")
+    assert "--evaluate needs" in _ddp_error(capsys, "--data", inet_data, "--evaluate")
+    assert "--epochs" in _ddp_error(capsys, "--data", inet_data, "--epochs", "0")
+    trunc = tmp_path / "t.pt"
+    trunc.write_bytes(b"PK\x03\x04 truncated")
+    assert "cannot be read" in _ddp_error(capsys, "--data", inet_data, "--evaluate", "--resume", trunc)
+    write_evil_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
+    assert "refused" in _ddp_error(capsys, "--data", inet_data, "--resume", tmp_path / "evil.pt", "--out", tmp_path / "o")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_ddp_unreadable_image_named(capsys, tmp_path):
+    write_image_folder(tmp_path / "d", per_class=(4, 2))
+    (tmp_path / "d" / "train" / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    err = _ddp_error(capsys, "--data", tmp_path / "d", "--out", tmp_path / "o", "--arch", "resnet18", "--image-size", "32",
+                     "--epochs", "1", "--batch-size", "2", "--workers", "0", "--warmup-epochs", "0")
+    assert "zz_broken.jpg" in err
+
+
+def test_train_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
+    from PIL import Image
+    write_image_folder(tmp_path / "d", per_class=(2, 1), size=64)
+    Image.new("L", (50, 70), 100).save(tmp_path / "d" / "train" / "cat" / "gray.png")
+    Image.new("CMYK", (64, 48)).save(tmp_path / "d" / "train" / "dog" / "cmyk.jpg")
+    classes, train, val = imagenet_ddp.check_data(str(tmp_path / "d"))
+    ds = imagenet_ddp.TrainSet(train, 32, 0, 0.08, 0.4)
+    for i in range(len(train)):
+        x, y = ds[(3, i)]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == train[i][1]
+        assert torch.equal(x, ds[(3, i)][0])  # same (seed, epoch, index): same pixels
+    assert not torch.equal(ds[(3, 0)][0], ds[(4, 0)][0])  # another epoch: another crop
+    x = imagenet_ddp.eval_transform(train[0][0], 32)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    # the global order splits identically whatever the world size, given the same global batch
+    one = list(imagenet_ddp.EpochBatches(50, 8, 1, 0, 1, 0).__iter__())
+    two = [list(imagenet_ddp.EpochBatches(50, 4, 2, r, 1, 0).__iter__()) for r in (0, 1)]
+    for step, batch in enumerate(one):
+        assert batch == two[0][step] + two[1][step]
+    s = imagenet_ddp.EpochBatches(50, 8, 1, 0, 1, 0)
+    s.set_epoch(0, start_step=4)
+    assert list(s) == one[4:] and len(s) == 2
+
+
+def test_crop_sampler_matches_torchvision_distribution():
+    rng = np.random.default_rng(0)
+    boxes = [imagenet_ddp.sample_crop(rng, 400, 300, 0.08) for _ in range(2000)]
+    areas = np.array([w * h / (400 * 300) for _, _, w, h in boxes])
+    ratios = np.array([w / h for _, _, w, h in boxes])
+    assert all(0 <= x0 and x0 + w <= 400 and 0 <= y0 and y0 + h <= 300 for x0, y0, w, h in boxes)
+    assert 0.07 < areas.min() < 0.12 and areas.max() > 0.9
+    assert 0.7 < ratios.min() and ratios.max() < 1.4
