@@ -287,16 +287,18 @@ def list_image_folder(root):
     return classes, samples
 
 
-def _decode_32(path):
+def decode_32(image):
+    """An image file (or PIL image) -> uint8 [3, 32, 32], as the folder data set stores it. Shared with
+    predict.py, so predictions see exactly the pixels the trainer evaluated."""
     from PIL import Image
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (32, 32):
-                im = im.resize((32, 32), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        im = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
+        im = im.convert("RGB")
+        if im.size != (32, 32):
+            im = im.resize((32, 32), Image.BILINEAR)
+        return np.array(im, dtype=np.uint8).transpose(2, 0, 1)
     except Exception as e:
-        raise UserError(f"{path}: cannot read image ({type(e).__name__})") from None
+        raise UserError(f"{image}: cannot read image ({type(e).__name__})") from None
 
 
 def load_folder(data_dir, workers):
@@ -314,7 +316,7 @@ def load_folder(data_dir, workers):
     out = []
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         for samples in (train, test):
-            x = np.stack(list(pool.map(_decode_32, [p for p, _ in samples], chunksize=256)))
+            x = np.stack(list(pool.map(decode_32, [p for p, _ in samples], chunksize=256)))
             out += [torch.from_numpy(x), torch.tensor([l for _, l in samples], dtype=torch.int64)]
     x_tr = out[0].float().div_(255)
     mean = tuple(round(v, 4) for v in x_tr.mean(dim=(0, 2, 3)).tolist())

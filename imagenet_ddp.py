@@ -239,11 +239,15 @@ class EvalSet(torch.utils.data.Dataset):
         return eval_transform(path, self.size), label
 
 
-def eval_transform(path, image_size):
-    """Image file -> uint8 [3, s, s]: short side to s / 0.875, center crop s. Shared with predict.py."""
+def eval_transform(image, image_size):
+    """Image file (or PIL image) -> uint8 [3, s, s]: short side to s / 0.875, center crop s. Shared with
+    predict.py, so predictions see exactly the pixels the trainer evaluated."""
     from PIL import Image
     resize = int(image_size / 0.875)
-    im, _ = load_rgb(path, lambda W, H: (max(1, W * resize // min(W, H)), max(1, H * resize // min(W, H))))
+    if isinstance(image, (str, os.PathLike)):
+        im, _ = load_rgb(image, lambda W, H: (max(1, W * resize // min(W, H)), max(1, H * resize // min(W, H))))
+    else:
+        im = image.convert("RGB")
     W, H = im.size
     scale = resize / min(W, H)
     nw, nh = max(resize, round(W * scale)), max(resize, round(H * scale))

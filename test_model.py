@@ -676,3 +676,106 @@ def test_crop_sampler_matches_torchvision_distribution():
     assert all(0 <= x0 and x0 + w <= 400 and 0 <= y0 and y0 + h <= 300 for x0, y0, w, h in boxes)
     assert 0.07 < areas.min() < 0.12 and areas.max() > 0.9
     assert 0.7 < ratios.min() and ratios.max() < 1.4
+
+
+# ------------------------------------------------------------------------------------------------
+# predict.py
+# ------------------------------------------------------------------------------------------------
+import predict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory):
+    """A 1-epoch cifar.py run on a folder of lossless 32x32 PNGs."""
+    root = tmp_path_factory.mktemp("pred")
+    data = write_image_folder(root / "data", splits=("train", "test"), per_class=(32, 10), size=32, fmt="PNG")
+    res = run_script("cifar.py", "--dataset", "folder", "--data-dir", data, "--epochs", "1", "--batch-size", "16",
+                     "--lr", "0.01", "--ema", "0.5", "--out", root / "run")
+    assert res.returncode == 0, res.stderr
+    return root, data
+
+
+def test_predict_agrees_with_trainer_val_top1(cifar_run):
+    root, data = cifar_run
+    res = run_script("predict.py", data / "test", "--checkpoint", root / "run" / "best.pt", "--json", "--batch-size", "7")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(l) for l in res.stdout.splitlines()]
+    assert len(rows) == 30 and all(len(r["top"]) == 3 for r in rows)  # top-5 capped at the 3 classes
+    correct = sum(r["top"][0]["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+    val_top1 = M.load_checkpoint(root / "run" / "best.pt")["val_top1"]
+    assert 100.0 * correct / len(rows) == pytest.approx(val_top1, abs=1e-9)
+    assert read_jsonl(root / "run" / "metrics.jsonl")[-1]["val_top1"] == val_top1
+    probs = [t["prob"] for t in rows[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_predict_default_checkpoint_text_output_and_globs(cifar_run, tmp_path):
+    root, data = cifar_run
+    runs = tmp_path / "runs" / "x"
+    runs.mkdir(parents=True)
+    (runs / "best.pt").write_bytes((root / "run" / "best.pt").read_bytes())
+    img = sorted((data / "test" / "cat").iterdir())[0]
+    res = subprocess.run([sys.executable, os.path.join(HERE, "predict.py"), str(img), str(data / "test" / "dog" / "*.png"),
+                          "--topk", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "using checkpoint runs/x/best.pt" in res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 + 10 and lines[0].startswith(f"{img}: ") and lines[0].count("%)") == 2
+    none = subprocess.run([sys.executable, os.path.join(HERE, "predict.py"), str(img)], capture_output=True, text=True,
+                          cwd=tmp_path / "runs")
+    assert none.returncode == 2 and "--checkpoint" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_predict_bad_files_and_odd_modes(cifar_run, tmp_path):
+    from PIL import Image
+    root, _ = cifar_run
+    Image.new("L", (50, 40), 90).save(tmp_path / "gray.png")
+    Image.new("CMYK", (40, 40), (10, 20, 30, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("P", (40, 40)).save(tmp_path / "pal.gif")
+    Image.new("RGBA", (40, 40), (1, 2, 3, 4)).save(tmp_path / "rgba.png")
+    Image.new("RGB", (3000, 2000), (200, 10, 10)).save(tmp_path / "big.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    good = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    names = ["gray.png", "cmyk.jpg", "pal.gif", "rgba.png", "big.jpg", "empty.jpg", "text.jpg", "trunc.jpg", "missing.jpg"]
+    res = run_script("predict.py", *[tmp_path / n for n in names], "--checkpoint", root / "run" / "best.pt", "--json")
+    assert res.returncode == 1
+    ok = {os.path.basename(json.loads(l)["path"]) for l in res.stdout.splitlines()}
+    assert ok == {"gray.png", "cmyk.jpg", "pal.gif", "rgba.png", "big.jpg"}
+    err = res.stderr.strip().splitlines()[1:]  # after "using checkpoint ..."
+    assert len(err) == 4 and "Traceback" not in res.stderr
+    assert any("empty.jpg: empty file" in l for l in err) and any("missing.jpg: no such file" in l for l in err)
+    assert any("text.jpg: cannot read image" in l for l in err) and any("trunc.jpg: cannot read image" in l for l in err)
+
+
+def test_predict_torchvision_state_dict_gets_imagenet_names(tmp_path):
+    tvm = pytest.importorskip("torchvision.models")
+    from PIL import Image
+    torch.manual_seed(0)
+    torch.save({"module." + k: v for k, v in tvm.resnet50().state_dict().items()}, tmp_path / "r50.pth")
+    Image.new("RGB", (300, 260), (30, 120, 200)).save(tmp_path / "a.jpg")
+    res = run_script("predict.py", tmp_path / "a.jpg", "--checkpoint", tmp_path / "r50.pth", "--arch", "resnet50", "--json")
+    assert res.returncode == 0, res.stderr
+    top = json.loads(res.stdout)["top"]
+    cats = predict.imagenet_categories()
+    assert len(top) == 5 and len(cats) == 1000 and all(t["label"] == cats[t["index"]] for t in top)
+    need = run_script("predict.py", tmp_path / "a.jpg", "--checkpoint", tmp_path / "r50.pth")
+    assert need.returncode == 2 and "--arch" in need.stderr
+    wrong = run_script("predict.py", tmp_path / "a.jpg", "--checkpoint", tmp_path / "r50.pth", "--arch", "resnet18")
+    assert wrong.returncode == 2 and "does not fit resnet18" in wrong.stderr
+
+
+def test_predict_refuses_pickled_code(tmp_path):
+    write_evil_checkpoint(tmp_path / "evil.pt", tmp_path / "pwned")
+    (tmp_path / "a.png").write_bytes(b"")
+    res = run_script("predict.py", tmp_path / "a.png", "--checkpoint", tmp_path / "evil.pt")
+    assert res.returncode == 2 and "refused" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_predict_serve_without_gradio_says_how(tmp_path, cifar_run, capsys, monkeypatch):
+    root, _ = cifar_run
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
+    assert predict.main(["--serve", "--checkpoint", str(root / "run" / "best.pt")]) == 2
+    assert "pip install gradio" in capsys.readouterr().err
