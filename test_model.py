@@ -1,5 +1,7 @@
 """The project's test suite: `python -m pytest -q`. CPU only; every test makes its own tiny data."""
 import copy
+import csv
+import math
 import json
 import os
 import pickle
@@ -779,3 +781,102 @@ def test_predict_serve_without_gradio_says_how(tmp_path, cifar_run, capsys, monk
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
     assert predict.main(["--serve", "--checkpoint", str(root / "run" / "best.pt")]) == 2
     assert "pip install gradio" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# lrfind.py
+# ------------------------------------------------------------------------------------------------
+import lrfind  # noqa: E402
+
+
+def _toy_problem(seed=0):
+    """Noisy linear regression through a small net with BatchNorm: MSE blows up once the LR is too large."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 10, generator=g)
+    y = x @ torch.randn(10, 1, generator=g) + 0.1 * torch.randn(256, 1, generator=g)
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
+    state = {"i": 0}
+
+    def next_batch():
+        i = state["i"] % 8
+        state["i"] += 1
+        return x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]
+    return net, next_batch
+
+
+def test_lr_range_test_stops_on_divergence_and_restores_everything():
+    net, next_batch = _toy_problem()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, y = next_batch()
+    nn.functional.mse_loss(net(x), y).backward()
+    opt.step()  # non-trivial momentum buffers and BN statistics to preserve
+    before_model = copy.deepcopy(net.state_dict())
+    before_opt = copy.deepcopy(opt.state_dict())
+    torch.manual_seed(123)
+    lrs = lrfind.lr_schedule(1e-4, 1e3, 120, "exp")
+    records, stopped = lrfind.lr_range_test(net, opt, next_batch, lrs, loss_fn=nn.functional.mse_loss, beta=0.9, diverge=4.0)
+    rng_after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(rng_after, torch.rand(3))  # RNG state restored
+    assert_state_equal(before_model, net.state_dict())
+    assert_state_equal(before_opt, opt.state_dict())
+    assert stopped is not None and len(records) < 120  # the loss blew up before the end of the sweep
+    sm = [r[2] for r in records]
+    assert not math.isfinite(sm[-1]) or sm[-1] > 4.0 * min(sm[:-1])
+    sug = lrfind.suggestions(records)
+    lrs_done = [r[0] for r in records]
+    i_best = int(np.argmin(sm))
+    for key in ("valley", "steepest"):
+        i = lrs_done.index(sug[key])
+        assert i <= i_best and sm[i] < sm[0], key  # on the descending part of the curve, before the minimum
+    assert sug["min_div10"] == pytest.approx(lrs_done[i_best] / 10)
+
+
+def test_lr_schedule_modes():
+    exp = lrfind.lr_schedule(1e-6, 1.0, 7, "exp")
+    lin = lrfind.lr_schedule(0.0001, 1.0, 5, "linear")
+    assert exp[0] == pytest.approx(1e-6) and exp[-1] == pytest.approx(1.0) and exp[3] == pytest.approx(1e-3)
+    assert lin == pytest.approx([0.0001, 0.250075, 0.50005, 0.750025, 1.0])
+
+
+def test_lrfind_script_outputs_and_leaves_checkpoint_alone(tmp_path, capsys, monkeypatch):
+    data = write_tiny_cifar(tmp_path / "d", n_train=64, n_test=16)
+    out = tmp_path / "lf"
+    base = ["--dataset", "cifar10", "--data-dir", str(data), "--batch-size", "16", "--num-iter", "30", "--start-lr", "1e-5",
+            "--end-lr", "10", "--json"]
+    assert lrfind.main(base + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    res = json.loads(text.strip().splitlines()[-1])
+    assert set(res) >= {"suggested_lr", "valley", "steepest", "min_div10", "stopped_at"}
+    assert res["suggested_lr"] == res["valley"] and 1e-5 <= res["valley"] <= 10
+    assert f"python cifar.py --dataset cifar10 --data-dir {data} --arch resnet18 --batch-size 16" in text
+    with open(out / "lrfind.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["lr", "loss", "smoothed"] and len(rows) == 1 + res["steps"]
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "lrfind.png").stat().st_size > 1000
+    except ImportError:
+        assert not (out / "lrfind.png").exists()
+    # without matplotlib: said once, no picture, everything else written
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert lrfind.main(base + ["--out", str(tmp_path / "nompl")]) == 0
+    assert capsys.readouterr().out.count("matplotlib is not installed") == 1
+    assert (tmp_path / "nompl" / "lrfind.json").exists() and not (tmp_path / "nompl" / "lrfind.png").exists()
+    # sweeping from a checkpoint leaves the file untouched
+    run = tmp_path / "run"
+    assert cifar.main(["--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--out", str(run), *CIFAR_FAST]) == 0
+    capsys.readouterr()
+    before = ((run / "best.pt").read_bytes(), (run / "best.pt").stat().st_mtime_ns)
+    assert lrfind.main(base + ["--out", str(tmp_path / "lf2"), "--checkpoint", str(run / "best.pt")]) == 0
+    assert before == ((run / "best.pt").read_bytes(), (run / "best.pt").stat().st_mtime_ns)
+
+
+def test_lrfind_bad_input(capsys, tmp_path):
+    for argv, needle in ((["--start-lr", "1", "--end-lr", "0.1"], "--start-lr"), (["--num-iter", "3"], "--num-iter"),
+                         (["--dataset", "folder", "--data-dir", str(tmp_path)], "must hold train"),
+                         (["--imagenet", str(tmp_path / "nope")], "no train/")):
+        assert lrfind.main(argv + ["--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
