@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
@@ -408,12 +407,14 @@ def epoch_order(seed, epoch, n):
 # ---------------------------------------------------------------------------------------------------
 def build_optimizer(model, args, steps_per_epoch):
     opt = torch.optim.SGD(param_groups(model, args.wd), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
+    total = args.epochs * steps_per_epoch + 1  # +1: stepped after every step, the last included
+    if total < 4:
+        raise UserError(f"the schedule has only {total - 1} steps: use more --epochs or a smaller --batch-size")
     # One Cycle (Smith & Topin 2017, "Super-Convergence"): LR warms up to --lr then anneals far below the
     # start, while momentum cycles the other way; it reaches a given accuracy in a fraction of the epochs
     # of a step schedule. Stepped every iteration.
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        # (+1: the scheduler is stepped after every step, the last included, and must not run past its end)
-        opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch + 1, pct_start=args.warmup_frac,
+        opt, max_lr=args.lr, total_steps=total, pct_start=max(args.warmup_frac, 2 / total),  # warm-up >= 2 steps
         anneal_strategy=args.anneal, div_factor=args.div_factor, final_div_factor=args.final_div_factor,
         cycle_momentum=args.momentum > 0, base_momentum=args.base_momentum, max_momentum=args.momentum)
     return opt, sched
@@ -520,6 +521,78 @@ class Metrics:
             self.tb.flush()
 
 
+def training_state(model, opt, sched, scaler, ema):
+    """What evolves during training, for last.pt (the unwrapped model's weights: no module./_orig_mod.)."""
+    return dict(model=model.state_dict(), ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                # the trainers derive all their randomness from (seed, epoch, step), but code added later may not
+                rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def restore_training_state(ckpt, model, opt, sched, scaler, ema):
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.updates = ckpt["ema_updates"]
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+
+
+def train_one_epoch(args, epoch, first, x_tr, y_tr, mean, std, model, fwd, opt, sched, scaler, ema, stop, device,
+                    amp_dtype, sums, eta):
+    """Steps first.. of one epoch. Returns None at the epoch's end, or the step it stopped after on a signal."""
+    model.train()
+    n, B = len(y_tr), args.batch_size
+    steps = n // B
+    order = epoch_order(args.seed, epoch, n).to(device)
+    for step in range(first, steps):
+        t_step = time.time()
+        idx = order[step * B:(step + 1) * B]
+        r = batch_randomness(args, args.seed, epoch, step, n, B)
+        x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
+        y = y_tr[idx]
+        loss, logits = train_step(fwd, x, y, lam, opt, sched, scaler, device, amp_dtype, args.label_smoothing)
+        if ema is not None:
+            ema.update(model)
+        sums["loss"] += loss.item() * len(y)
+        sums["correct"] += (logits.argmax(1) == y).sum().item()
+        sums["seen"] += len(y)
+        sums["time"] += time.time() - t_step
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {sums['loss'] / sums['seen']:.4f} "
+                  f"lr {sched.get_last_lr()[0]:.5f} img/s {sums['seen'] / max(sums['time'], 1e-9):.1f} "
+                  f"eta {fmt_time(eta(epoch * steps + step + 1))}", flush=True)
+        if stop and step + 1 < steps:
+            return step + 1
+    return None
+
+
+def epoch_report(args, epoch, sums, sched, model, ema, x_te, y_te, mean, std, device, amp_dtype, t_epoch):
+    """Evaluate after an epoch; returns the metrics.jsonl row (and prints it as one line)."""
+    last = epoch + 1 == args.epochs
+    eval_model = ema.module if ema is not None else model
+    ev = lambda m, tta=False: evaluate(m, x_te, y_te, mean, std, device, amp_dtype, args.channels_last, tta=tta)
+    val_loss, val_top1, val_top5 = ev(eval_model)
+    row = dict(epoch=epoch + 1, lr=sched.get_last_lr()[0], train_loss=sums["loss"] / sums["seen"],
+               train_top1=100.0 * sums["correct"] / sums["seen"], train_img_per_s=sums["seen"] / sums["time"],
+               val_loss=val_loss, val_top1=val_top1, val_top5=val_top5)
+    if last:
+        row["val_top1_tta"] = ev(eval_model, tta=True)[1]
+        if ema is not None:  # for comparison: the raw weights (best.pt keeps both)
+            row["val_top1_raw"] = ev(model)[1]
+    row["time_s"] = time.time() - t_epoch
+    print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} train_top1 {row['train_top1']:.2f} "
+          f"val_loss {val_loss:.4f} val_top1 {val_top1:.2f} val_top5 {val_top5:.2f}"
+          + (f" val_top1_tta {row['val_top1_tta']:.2f}" if last else "")
+          + f" img/s {row['train_img_per_s']:.1f} time {fmt_time(row['time_s'])}", flush=True)
+    return row
+
+
 def train(args):
     device = pick_device(args.device)
     amp_dtype = pick_amp(args.amp, device)
@@ -548,94 +621,46 @@ def train(args):
     if args.benchmark:
         return benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, device, amp_dtype, steps_per_epoch)
 
-    start_epoch, start_step, best, carry = 0, 0, -1.0, {}
+    start_epoch, start_step, best, carry = 0, 0, -1.0, None
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"])
-            ema.updates = resume["ema_updates"]
-        start_epoch, start_step, best = resume["epoch"], resume["step"], resume["best_top1"]
-        carry = resume["epoch_sums"]
-        torch.set_rng_state(resume["rng_cpu"])
+        restore_training_state(resume, model, opt, sched, scaler, ema)
+        start_epoch, start_step, best, carry = resume["epoch"], resume["step"], resume["best_top1"], resume["epoch_sums"]
         print(f"resumed from {args.resume} at epoch {start_epoch + 1} step {start_step}", flush=True)
     metrics = Metrics(args.out, start_epoch if resume is not None else 0, args.tensorboard)
     info = rebuild_info(args, classes, mean, std)
-    eval_model = ema.module if ema is not None else model
-
-    def save_last(epoch, step, sums):
-        M.save_checkpoint(os.path.join(args.out, "last.pt"), model=model.state_dict(),
-                          ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
-                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                          epoch=epoch, step=step, best_top1=best, epoch_sums=sums, rng_cpu=torch.get_rng_state(),
-                          args=vars(args), **info)
-
+    run_t0, done0, total = time.time(), start_epoch * steps_per_epoch + start_step, args.epochs * steps_per_epoch
+    eta = lambda done: (time.time() - run_t0) / max(done - done0, 1) * (total - done)
+    summary = {}
     with StopFlag() as stop:
-        total_steps = args.epochs * steps_per_epoch
-        run_t0, run_steps0 = time.time(), start_epoch * steps_per_epoch + start_step
-        summary = {}
         for epoch in range(start_epoch, args.epochs):
-            model.train()
-            order = epoch_order(args.seed, epoch, n).to(device)
             first = start_step if epoch == start_epoch else 0
             sums = dict(carry) if epoch == start_epoch and carry else {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
             t_epoch = time.time()
-            for step in range(first, steps_per_epoch):
-                t_step = time.time()
-                idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-                r = batch_randomness(args, args.seed, epoch, step, n, args.batch_size)
-                x = augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last)
-                x, lam = mix_batch(x, r["mix"])
-                y = y_tr[idx]
-                loss, logits = train_step(fwd, x, y, lam, opt, sched, scaler, device, amp_dtype, args.label_smoothing)
-                if ema is not None:
-                    ema.update(model)
-                sums["loss"] += loss.item() * len(y)
-                sums["correct"] += (logits.argmax(1) == y).sum().item()
-                sums["seen"] += len(y)
-                sums["time"] += time.time() - t_step
-                done = epoch * steps_per_epoch + step + 1
-                if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
-                    rate = sums["seen"] / max(sums["time"], 1e-9)
-                    eta = (time.time() - run_t0) / max(done - run_steps0, 1) * (total_steps - done)
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} loss {sums['loss'] / sums['seen']:.4f} "
-                          f"lr {sched.get_last_lr()[0]:.5f} img/s {rate:.1f} eta {fmt_time(eta)}", flush=True)
-                if stop and step + 1 < steps_per_epoch:
-                    save_last(epoch, step + 1, sums)
-                    print(f"stopped by signal {stop.signum} at epoch {epoch + 1} step {step + 1}; "
-                          f"saved {args.out}/last.pt, continue with --resume auto", flush=True)
-                    return 128 + stop.signum
-            last_epoch = epoch + 1 == args.epochs
-            val_loss, val_top1, val_top5 = evaluate(eval_model, x_te, y_te, mean, std, device, amp_dtype, args.channels_last)
-            row = dict(epoch=epoch + 1, lr=sched.get_last_lr()[0], train_loss=sums["loss"] / sums["seen"],
-                       train_top1=100.0 * sums["correct"] / sums["seen"], train_img_per_s=sums["seen"] / sums["time"],
-                       val_loss=val_loss, val_top1=val_top1, val_top5=val_top5)
-            if last_epoch:
-                row["val_top1_tta"] = evaluate(eval_model, x_te, y_te, mean, std, device, amp_dtype, args.channels_last, tta=True)[1]
-                if ema is not None:  # for comparison: the raw weights (best.pt keeps both)
-                    row["val_top1_raw"] = evaluate(model, x_te, y_te, mean, std, device, amp_dtype, args.channels_last)[1]
-            row["time_s"] = time.time() - t_epoch
+            stopped = train_one_epoch(args, epoch, first, x_tr, y_tr, mean, std, model, fwd, opt, sched, scaler, ema,
+                                      stop, device, amp_dtype, sums, eta)
+            if stopped is not None:
+                M.save_checkpoint(os.path.join(args.out, "last.pt"), **training_state(model, opt, sched, scaler, ema),
+                                  epoch=epoch, step=stopped, best_top1=best, epoch_sums=sums, args=vars(args), **info)
+                print(f"stopped by signal {stop.signum} at epoch {epoch + 1} step {stopped}; "
+                      f"saved {args.out}/last.pt, continue with --resume auto", flush=True)
+                return 128 + stop.signum
+            row = epoch_report(args, epoch, sums, sched, model, ema, x_te, y_te, mean, std, device, amp_dtype, t_epoch)
             metrics.write(row)
-            print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} train_top1 {row['train_top1']:.2f} "
-                  f"val_loss {val_loss:.4f} val_top1 {val_top1:.2f} val_top5 {val_top5:.2f}"
-                  + (f" val_top1_tta {row['val_top1_tta']:.2f}" if last_epoch else "")
-                  + f" img/s {row['train_img_per_s']:.1f} time {fmt_time(row['time_s'])}", flush=True)
-            if val_top1 > best:
-                best = val_top1
+            if row["val_top1"] > best:
+                best = row["val_top1"]
                 M.save_checkpoint(os.path.join(args.out, "best.pt"), model=model.state_dict(),
-                                  ema=ema.state_dict() if ema else None, epoch=epoch + 1, val_top1=val_top1, **info)
-            save_last(epoch + 1, 0, {})
+                                  ema=ema.state_dict() if ema else None, epoch=epoch + 1, val_top1=best, **info)
+            M.save_checkpoint(os.path.join(args.out, "last.pt"), **training_state(model, opt, sched, scaler, ema),
+                              epoch=epoch + 1, step=0, best_top1=best, epoch_sums={}, args=vars(args), **info)
             summary = dict(row, best_val_top1=best, out=args.out)
-            if stop and not last_epoch:
+            if stop and epoch + 1 < args.epochs:
                 print(f"stopped by signal {stop.signum} after epoch {epoch + 1}; continue with --resume auto", flush=True)
                 return 128 + stop.signum
-        if start_epoch >= args.epochs:
-            print(f"{args.out}/last.pt already finished all {args.epochs} epochs", flush=True)
-        if args.json and summary:
-            print(json.dumps(summary), flush=True)
-        return 0
+    if start_epoch >= args.epochs:
+        print(f"{args.out}/last.pt already finished all {args.epochs} epochs", flush=True)
+    if args.json and summary:
+        print(json.dumps(summary), flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -669,19 +694,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_steps(n_steps, make_batch, step_fn, device, warmup=3):
+def timed_steps(n_steps, make_batch, step_fn, device, warmup=0):
+    """Seconds taken by n_steps (batch making included), after `warmup` untimed steps."""
     for i in range(warmup):
         step_fn(*make_batch(i))
     sync(device)
-    t, images = time.time(), 0
-    if n_steps == 0:
-        return 0.0
+    t = time.time()
     for i in range(warmup, warmup + n_steps):
-        x, y, lam = make_batch(i)
-        step_fn(x, y, lam)
-        images += len(y)
+        step_fn(*make_batch(i))
     sync(device)
-    return images / (time.time() - t)
+    return time.time() - t
 
 
 def benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, device, amp_dtype, steps_per_epoch):
@@ -697,25 +719,48 @@ def benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, 
         x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
         return x, y_tr[idx], lam
 
-    fixed = real_batch(0)
     def step(x, y, lam):
         loss = train_step(fwd, x, y, lam, opt, sched, scaler, device, amp_dtype, args.label_smoothing)[0].item()
         if ema is not None:
             ema.update(model)
         return loss
 
+    # Pure compute repeats one fixed batch on a copy of the model whose LR is 0: the same arithmetic (momentum
+    # and weight decay included), but the copy never fits the batch. Fitting it would drive gradients into
+    # denormal floats, which x86 computes ~100x slower: measured here, a learning copy ran 10% *slower* than the
+    # real pipeline.
+    fixed = real_batch(0)
+    twin = copy.deepcopy(model).train()
+    twin_opt = torch.optim.SGD(param_groups(twin, args.wd), lr=0.0, momentum=args.momentum, nesterov=args.nesterov)
+    twin_sched = torch.optim.lr_scheduler.LambdaLR(twin_opt, lambda s: 1.0)
+    twin_fwd = torch.compile(twin) if args.compile else twin
+
+    def twin_step(x, y, lam):
+        out = train_step(twin_fwd, x, y, lam, twin_opt, twin_sched, scaler, device, amp_dtype, args.label_smoothing)[0].item()
+        if ema is not None:
+            ema.update(twin)
+        return out
+
     model.train()
-    # Alternate short rounds of each so that clock drift or a noisy neighbour hits both alike.
-    rounds = max(1, min(4, args.benchmark // 5))
+    contenders = {"compute": (lambda i: fixed, twin_step), "pipeline": (real_batch, step)}
+    if args.benchmark_article:
+        contenders["article"] = article_recipe(args, device)
+    # Alternate rounds of 2 steps of each contender, so that clock drift or a noisy neighbour hits all alike
+    # (measured here: the same code swings by 2x over minutes on this shared 2-core VM).
+    rounds = max(1, args.benchmark // 2)
     per = [args.benchmark // rounds + (i < args.benchmark % rounds) for i in range(rounds)]
-    timed_steps(0, lambda i: fixed, step, device, warmup=5)
-    c_rates, p_rates = [], []
+    for make_batch, step_fn in contenders.values():
+        timed_steps(0, make_batch, step_fn, device, warmup=3)
+    seconds = dict.fromkeys(contenders, 0.0)
     for k in per:
-        c_rates.append(timed_steps(k, lambda i: fixed, step, device, warmup=0))
-        p_rates.append(timed_steps(k, real_batch, step, device, warmup=0))
-    # harmonic means over rounds = total images / total time
-    compute = sum(per) / sum(k / r for k, r in zip(per, c_rates))
-    pipeline = sum(per) / sum(k / r for k, r in zip(per, p_rates))
+        for name, (make_batch, step_fn) in contenders.items():
+            seconds[name] += timed_steps(k, make_batch, step_fn, device)
+            if name == "article":
+                # Let its DataLoader workers refill their queue untimed, so that they do not steal the next
+                # round's cores. This flatters the article's recipe: its data preparation is not timed at all.
+                time.sleep(1.0)
+    rate = {name: sum(per) * B / s for name, s in seconds.items()}  # total images / total time
+    compute, pipeline = rate["compute"], rate["pipeline"]
     flops = train_flops_per_image(model, device, args.channels_last)
     peak = matmul_peak_tflops(device, amp_dtype)
     res = dict(arch=args.arch, batch_size=B, device=str(device), amp=str(amp_dtype or "fp32").replace("torch.", ""),
@@ -724,15 +769,15 @@ def benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, 
                train_gflop_per_img=round(flops / 1e9, 3), achieved_tflops=round(flops * pipeline / 1e12, 3),
                matmul_peak_tflops=round(peak, 3), mfu=round(flops * pipeline / 1e12 / peak, 3))
     if args.benchmark_article:
-        res["article_img_per_s"] = round(benchmark_article(args, device), 1)
-        res["pipeline_vs_article"] = round(pipeline / res["article_img_per_s"], 2)
+        res["article_img_per_s"] = round(rate["article"], 1)
+        res["pipeline_vs_article"] = round(pipeline / rate["article"], 2)
     print(json.dumps(res), flush=True)
     return 0
 
 
-def benchmark_article(args, device):
+def article_recipe(args, device):
     """The founding article's recipe as written: torchvision dataset + PIL RandomCrop/flip/ToTensor/Normalize
-    in a DataLoader with 2 workers, fp32, NCHW."""
+    in a DataLoader with 2 workers, fp32, NCHW. Returns (make_batch, train_step) for the benchmark."""
     import torchvision
     import torchvision.transforms as T
     mean, std = (CIFAR[args.dataset]["mean"], CIFAR[args.dataset]["std"]) if args.dataset != "folder" else ((0.5,) * 3, (0.25,) * 3)
@@ -742,14 +787,20 @@ def benchmark_article(args, device):
     else:
         cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
         ds = cls(args.data_dir, train=True, transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True,
+                                         persistent_workers=True)
     torch.manual_seed(args.seed)
     net = M.build_model(args.arch, len(ds.classes), stem="cifar").to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     it = iter(loader)
 
     def batch(i):
-        x, y = next(it)
+        nonlocal it
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
         return x.to(device), y.to(device), 1.0
 
     def step(x, y, lam):
@@ -759,7 +810,7 @@ def benchmark_article(args, device):
         opt.step()
 
     net.train()
-    return timed_steps(min(args.benchmark, len(loader) - 3), batch, step, device)
+    return batch, step
 
 
 def main(argv=None):

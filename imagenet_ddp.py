@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import model as M
 from cifar import (EMA, Metrics, Parser, StopFlag, UserError, autocast, fmt_time, list_image_folder, mix_batch,
-                   param_groups, pick_amp, pick_device, seeded)
+                   param_groups, pick_amp, pick_device, restore_training_state, seeded, training_state)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -54,7 +54,6 @@ def get_args(argv=None):
     p.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop smallest area fraction")
     p.add_argument("--pipeline", default="fast", choices=["fast", "article"],
                    help="fast = uint8 PIL with reduced-size JPEG decoding; article = plain torchvision Compose")
-    p.add_argument("--gpu-decode", action="store_true", help="decode JPEGs with nvJPEG on the GPU (CUDA only)")
     # model
     p.add_argument("--arch", default="resnet50", choices=list(M.ARCHS), help="network (ImageNet stem)")
     p.add_argument("--zero-init-residual", action="store_true", help="start every block as identity (Goyal et al. 2017)")
@@ -315,9 +314,11 @@ def to_device_normalized(x_u8, device, channels_last):
 def build_schedule(opt, args, steps_per_epoch, peak_lr):
     total = args.epochs * steps_per_epoch
     warm = int(args.warmup_epochs * steps_per_epoch)
-    if args.schedule == "onecycle":
+    if total < 3:
+        raise UserError(f"the schedule has only {total} steps: use more --epochs or a smaller batch")
+    if args.schedule == "onecycle":  # (warm-up >= 2 steps: OneCycleLR divides by the warm-up length)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr, total_steps=total + 1,
-                                                   pct_start=max(warm, 1) / (total + 1), div_factor=25.0,
+                                                   pct_start=max(warm, 2) / (total + 1), div_factor=25.0,
                                                    final_div_factor=1e4, cycle_momentum=args.momentum > 0,
                                                    base_momentum=0.85, max_momentum=args.momentum)
 
@@ -485,8 +486,6 @@ def run(args):
     world_env = int(os.environ.get("WORLD_SIZE", 1))
     # Everything that can fail on bad input happens before the process group exists: every rank fails alike.
     classes, train_samples, val_samples = check_data(args.data)
-    if args.gpu_decode and not (args.device != "cpu" and torch.cuda.is_available()):
-        raise UserError("--gpu-decode needs CUDA (nvJPEG); drop it on CPU")
     resume = None
     if args.evaluate:
         path = args.checkpoint or (os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume)
@@ -531,13 +530,7 @@ def run(args):
     ema = EMA(model, args.ema, copy_buffers=True) if args.ema > 0 else None
     start_epoch, start_step, best, sums0 = 0, 0, -1.0, None
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"])
-            ema.updates = resume["ema_updates"]
+        restore_training_state(resume, model, opt, sched, scaler, ema)
         start_epoch, start_step, best, sums0 = resume["epoch"], resume["step"], resume["best_top1"], resume["epoch_sums"]
         log(f"resumed from {args.resume} at epoch {start_epoch + 1} step {start_step}")
     fwd = torch.compile(model) if args.compile else model
@@ -556,9 +549,7 @@ def run(args):
 
     def save_last(epoch, step, sums):
         if rank == 0:
-            M.save_checkpoint(os.path.join(args.out, "last.pt"), model=model.state_dict(),
-                              ema=ema.state_dict() if ema else None, ema_updates=ema.updates if ema else 0,
-                              optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+            M.save_checkpoint(os.path.join(args.out, "last.pt"), **training_state(model, opt, sched, scaler, ema),
                               epoch=epoch, step=step, best_top1=best, epoch_sums=dict(sums), global_batch=global_batch,
                               world_size=world, args=vars(args), **info)
         if dist.is_initialized():  # nobody exits (and makes torchrun kill the rest) before the file is written

@@ -102,7 +102,7 @@ def bare_state_dict_model(sd, args, path):
     net = M.build_model(args.arch, num_classes, stem=stem)
     try:
         net.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
+    except RuntimeError:
         raise UserError(f"{path} does not fit {args.arch} (missing, unexpected or mis-shaped weights)") from None
     classes = imagenet_categories() if num_classes == 1000 else [f"class {i}" for i in range(num_classes)]
     return net, classes
