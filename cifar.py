@@ -818,7 +818,7 @@ def main(argv=None):
         args = get_args(argv)
         return train(args)
     except UserError as e:
-        print(f"{os.path.basename(sys.argv[0] or 'cifar.py')}: error: {e}", file=sys.stderr, flush=True)
+        print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
         return 2
 
 

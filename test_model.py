@@ -461,7 +461,7 @@ def test_cifar_bad_data(capsys, tmp_path, monkeypatch):
 
 
 def test_cifar_bad_checkpoints_never_overwrite(capsys, tmp_path):
-    data = write_tiny_cifar(tmp_path / "d", n_train=32, n_test=16)
+    data = write_tiny_cifar(tmp_path / "d", n_train=64, n_test=16)
     out = tmp_path / "run"
     base = ["--dataset", "cifar10", "--data-dir", data, "--epochs", "1", "--out", out, *CIFAR_FAST]
     assert cifar.main(list(map(str, base))) == 0
