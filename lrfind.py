@@ -51,6 +51,8 @@ def get_args(argv=None):
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--beta", type=float, default=0.98, help="EMA smoothing of the loss (bias-corrected)")
     p.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
+    p.add_argument("--suggest", default="min", choices=["min", "valley", "steepest", "min_div10"],
+                   help="which suggestion becomes suggested_lr (see README: 'min' measured best for One Cycle here)")
     # runtime
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision, as in the trainers")
@@ -148,6 +150,7 @@ def suggestions(records, skip_start=0.1, skip_end=0.05):
     if len(sm) < 3:
         raise UserError("the loss never fell during the sweep: lower --start-lr, or check the data and model")
     steepest = float(lrs[int(np.argmin(np.gradient(sm, np.log10(lrs))))])
+    loss_min = float(lrs[-1])  # where the smoothed loss stops falling: the top of a One Cycle (Smith & Topin 2017)
     # valley: the longest stretch over which the loss keeps falling (longest decreasing subsequence), and the
     # LR halfway along it: far enough down the slope to train fast, well before the minimum where it blows up.
     length = np.ones(len(sm), dtype=int)
@@ -158,7 +161,7 @@ def suggestions(records, skip_start=0.1, skip_end=0.05):
     end = int(np.argmax(length))
     start = end - int(length[end]) + 1
     valley = float(lrs[start + (end - start) // 2])
-    return dict(valley=valley, steepest=steepest, min_div10=min_div10)
+    return dict(min=loss_min, valley=valley, steepest=steepest, min_div10=min_div10)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def write_outputs(out, records, result):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(lrs, losses, color="0.8", lw=1, label="loss")
     ax.plot(lrs, sm, color="C0", lw=2, label="smoothed loss")
-    for key, color in (("valley", "C3"), ("steepest", "C2"), ("min_div10", "C1")):
+    for key, color in (("min", "C3"), ("valley", "C4"), ("steepest", "C2"), ("min_div10", "C1")):
         ax.axvline(result[key], color=color, ls="--", lw=1, label=f"{key} {result[key]:.2g}")
     finite = [s for s in sm if math.isfinite(s)]
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test",
@@ -280,10 +283,10 @@ def main(argv=None):
         records, stopped = lr_range_test(net, opt, next_batch, lrs, accum=args.accum, beta=args.beta,
                                          diverge=args.diverge, device=device, amp_dtype=amp_dtype)
         sug = suggestions(records)
-        result = dict(suggested_lr=sug["valley"], **sug, stopped_at=stopped, steps=len(records))
+        result = dict(suggested_lr=sug[args.suggest], suggested_by=args.suggest, **sug, stopped_at=stopped, steps=len(records))
         write_outputs(args.out, records, result)
         stop_text = f"stopped at lr {stopped:.3g} (loss diverged)" if stopped else "ran the whole sweep"
-        print(f"swept {len(records)} steps, {stop_text}; suggestions: valley {sug['valley']:.3g}, "
+        print(f"swept {len(records)} steps, {stop_text}; suggestions: min {sug['min']:.3g}, valley {sug['valley']:.3g}, "
               f"steepest {sug['steepest']:.3g}, min/10 {sug['min_div10']:.3g}", flush=True)
         print(f"suggested One Cycle max LR: {result['suggested_lr']:.3g}; next:\n    {next_command(args, result['suggested_lr'])}", flush=True)
         if args.json:

@@ -827,7 +827,7 @@ def test_lr_range_test_stops_on_divergence_and_restores_everything():
     sug = lrfind.suggestions(records)
     lrs_done = [r[0] for r in records]
     i_best = int(np.argmin(sm))
-    for key in ("valley", "steepest"):
+    for key in ("min", "valley", "steepest"):
         i = lrs_done.index(sug[key])
         assert i <= i_best and sm[i] < sm[0], key  # on the descending part of the curve, before the minimum
     assert sug["min_div10"] == pytest.approx(lrs_done[i_best] / 10)
@@ -848,8 +848,8 @@ def test_lrfind_script_outputs_and_leaves_checkpoint_alone(tmp_path, capsys, mon
     assert lrfind.main(base + ["--out", str(out)]) == 0
     text = capsys.readouterr().out
     res = json.loads(text.strip().splitlines()[-1])
-    assert set(res) >= {"suggested_lr", "valley", "steepest", "min_div10", "stopped_at"}
-    assert res["suggested_lr"] == res["valley"] and 1e-5 <= res["valley"] <= 10
+    assert set(res) >= {"suggested_lr", "min", "valley", "steepest", "min_div10", "stopped_at"}
+    assert res["suggested_by"] == "min" and res["suggested_lr"] == res["min"] and 1e-5 <= res["min"] <= 10
     assert f"python cifar.py --dataset cifar10 --data-dir {data} --arch resnet18 --batch-size 16" in text
     with open(out / "lrfind.csv") as f:
         rows = list(csv.reader(f))
