@@ -139,6 +139,9 @@ def test_checkpoint_round_trip(tmp_path):
     p = tmp_path / "sub" / "c.pt"
     M.save_checkpoint(p, **_ckpt(m, epoch=3, rng=torch.get_rng_state()))
     assert not [f for f in os.listdir(p.parent) if f.startswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
     ck = M.load_checkpoint(p)
     assert ck["epoch"] == 3 and ck["classes"][3] == "3"
     m2 = M.model_from_checkpoint(ck).eval()
