@@ -469,9 +469,9 @@ RESUME_MUST_MATCH = ("arch", "dataset", "epochs", "batch_size", "seed", "lr", "w
                      "final_div_factor", "anneal", "mixup", "cutmix", "cutout", "crop_pad", "no_flip", "ema")
 
 
-def load_resume(args):
+def load_resume(args, must_match=RESUME_MUST_MATCH, script="cifar.py", also=()):
     """Returns the checkpoint to resume from, or None for a fresh start. Raises UserError on anything wrong,
-    before anything is written."""
+    before anything is written. `also`: (checkpoint key, current value, what it is) triples that must match."""
     last = os.path.join(args.out, "last.pt")
     if args.resume is None:
         for f in (last, os.path.join(args.out, "best.pt")):
@@ -480,18 +480,20 @@ def load_resume(args):
         return None
     path = last if args.resume == "auto" else args.resume
     if args.resume == "auto" and not os.path.exists(path):
-        print(f"no {path} yet: starting a fresh run", flush=True)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"no {path} yet: starting a fresh run", flush=True)
         return None
     try:
         ckpt = M.load_checkpoint(path)
     except M.CheckpointError as e:
         raise UserError(str(e)) from None
     if "optimizer" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not a cifar.py training checkpoint (no optimizer state); use --resume with a last.pt")
+        raise UserError(f"{path} is not a {script} training checkpoint (no optimizer state); use --resume with a last.pt")
     if ckpt.get("arch") != args.arch:
         raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
-    diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
+    diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in must_match
             if ckpt["args"].get(k) != getattr(args, k)]
+    diff += [f"{what} {ckpt.get(key)} (now {now})" for key, now, what in also if ckpt.get(key) != now]
     if diff:
         raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
     return ckpt

@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import model as M
-from cifar import (EMA, Metrics, Parser, StopFlag, UserError, autocast, fmt_time, list_image_folder, mix_batch,
-                   param_groups, pick_amp, pick_device, restore_training_state, seeded, training_state)
+from cifar import (EMA, Metrics, Parser, StopFlag, UserError, autocast, fmt_time, list_image_folder, load_resume,
+                   mix_batch, param_groups, pick_amp, pick_device, restore_training_state, seeded, training_state)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -339,34 +339,6 @@ RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule"
                      "color_jitter", "mixup", "cutmix", "ema", "label_smoothing")
 
 
-def load_resume(args, world):
-    last = os.path.join(args.out, "last.pt")
-    if args.resume is None:
-        for f in (last, os.path.join(args.out, "best.pt")):
-            if os.path.exists(f):
-                raise UserError(f"{f} exists: pass --resume auto to continue that run, or choose another --out")
-        return None
-    path = last if args.resume == "auto" else args.resume
-    if args.resume == "auto" and not os.path.exists(path):
-        return None
-    try:
-        ckpt = M.load_checkpoint(path)
-    except M.CheckpointError as e:
-        raise UserError(str(e)) from None
-    if "optimizer" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not an imagenet_ddp.py training checkpoint (no optimizer state)")
-    if ckpt.get("arch") != args.arch:
-        raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
-    diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
-            if ckpt["args"].get(k) != getattr(args, k)]
-    gb = args.batch_size * world * args.grad_accum
-    if ckpt["global_batch"] != gb:
-        diff.append(f"a global batch of {ckpt['global_batch']} (batch-size x processes x grad-accum; now {gb})")
-    if diff:
-        raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
-    return ckpt
-
-
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: every val image exactly once over all ranks
 # ---------------------------------------------------------------------------------------------------
@@ -498,7 +470,9 @@ def run(args):
             raise UserError(f"{path} was trained on other classes than {args.data}/val")
         args.image_size = int(ck.get("image_size", args.image_size))
     elif not args.benchmark_data:
-        resume = load_resume(args, world_env)
+        gb = args.batch_size * world_env * args.grad_accum
+        resume = load_resume(args, RESUME_MUST_MATCH, "imagenet_ddp.py",
+                             also=[("global_batch", gb, "a global batch (batch-size x processes x grad-accum) of")])
     global_batch = args.batch_size * world_env * args.grad_accum
     if not args.evaluate and not args.benchmark_data and len(train_samples) < global_batch:
         raise UserError(f"the global batch ({global_batch}) is larger than train/ ({len(train_samples)} images)")
