@@ -489,6 +489,10 @@ def load_resume(args, must_match=RESUME_MUST_MATCH, script="cifar.py", also=()):
         raise UserError(str(e)) from None
     if "optimizer" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a {script} training checkpoint (no optimizer state); use --resume with a last.pt")
+    missing = [k for k in ("model", "scheduler", "scaler", "epoch", "step", "best_top1", "epoch_sums", "ema_updates")
+               if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete training checkpoint (missing {', '.join(missing)})")
     if ckpt.get("arch") != args.arch:
         raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
     diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in must_match
@@ -540,8 +544,9 @@ def restore_training_state(ckpt, model, opt, sched, scaler, ema):
     if ema is not None:
         ema.module.load_state_dict(ckpt["ema"])
         ema.updates = ckpt["ema_updates"]
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt["rng_cuda"] and torch.cuda.is_available():
+    if ckpt.get("rng_cpu") is not None:  # (absent in checkpoints of earlier versions)
+        torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt.get("rng_cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
 
 

@@ -481,6 +481,10 @@ def test_cifar_bad_checkpoints_never_overwrite(capsys, tmp_path):
     assert "refused" in _cifar_error(capsys, *base, "--resume", tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
     assert "no such file" in _cifar_error(capsys, *base, "--resume", tmp_path / "nope.pt")
+    partial = M.load_checkpoint(out / "last.pt")
+    del partial["scheduler"]
+    M.save_checkpoint(tmp_path / "partial.pt", **partial)
+    assert "missing scheduler" in _cifar_error(capsys, *base, "--resume", tmp_path / "partial.pt")
     assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
 
 
