@@ -332,7 +332,7 @@ def load_data(args):
 # ---------------------------------------------------------------------------------------------------
 # Batch augmentation on the device
 # ---------------------------------------------------------------------------------------------------
-def batch_randomness(args, seed, epoch, step, n, batch_size):
+def batch_randomness(args, seed, epoch, step, batch_size):
     """Everything random about one training batch, from (seed, epoch, step) alone."""
     rng = seeded(seed, epoch, step, 1)
     r = {"shift": rng.integers(0, 2 * args.crop_pad + 1, size=(batch_size, 2)),
@@ -560,7 +560,7 @@ def train_one_epoch(args, epoch, first, x_tr, y_tr, mean, std, model, fwd, opt, 
     for step in range(first, steps):
         t_step = time.time()
         idx = order[step * B:(step + 1) * B]
-        r = batch_randomness(args, args.seed, epoch, step, n, B)
+        r = batch_randomness(args, args.seed, epoch, step, B)
         x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
         y = y_tr[idx]
         loss, logits = train_step(fwd, x, y, lam, opt, sched, scaler, device, amp_dtype, args.label_smoothing)
@@ -722,7 +722,7 @@ def benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, 
     def real_batch(i):
         step = i % steps_per_epoch
         idx = order[step * B:(step + 1) * B]
-        r = batch_randomness(args, args.seed, 0, step, n, B)
+        r = batch_randomness(args, args.seed, 0, step, B)
         x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
         return x, y_tr[idx], lam
 

@@ -183,7 +183,7 @@ def cifar_batches(args, device):
             state["order"] = cifar.epoch_order(args.seed, state["epoch"], len(y_tr)).to(device)
         s = state["step"]
         idx = state["order"][s * args.batch_size:(s + 1) * args.batch_size]
-        r = cifar.batch_randomness(aug, args.seed, state["epoch"], s, len(y_tr), args.batch_size)
+        r = cifar.batch_randomness(aug, args.seed, state["epoch"], s, args.batch_size)
         state["step"] += 1
         return cifar.augment(x_tr[idx], r, mean, std, aug.crop_pad, 0, True), y_tr[idx]
     return next_batch, len(classes), "cifar"

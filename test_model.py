@@ -311,7 +311,7 @@ def test_batch_augmentation_shapes_dtypes_labels():
     B = 32
     # Image b is filled with value 5 + 7b, so every surviving pixel tells which image it came from.
     x = (torch.arange(B, dtype=torch.uint8) * 7 + 5).view(B, 1, 1, 1).expand(B, 3, 32, 32).contiguous()
-    r = cifar.batch_randomness(args, 0, 3, 1, 1000, B)
+    r = cifar.batch_randomness(args, 0, 3, 1, B)
     out = cifar.augment(x, r, (0, 0, 0), (1 / 255,) * 3, 4, 0, True)
     assert out.shape == (B, 3, 32, 32) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -347,7 +347,7 @@ def test_mixup_cutmix_weights():
     mixed, lam = cifar.mix_batch(x, ("cutmix", 0.5, np.array([0, 0])))  # clipped box: lam follows the real area
     assert abs(mixed[0].mean().item() - (1 - lam)) < 1e-6
     args = cifar.get_args(["--mixup", "0.2", "--cutmix", "1.0", "--out", "unused"])
-    kinds = {cifar.batch_randomness(args, 0, 0, s, 100, 8)["mix"][0] for s in range(20)}
+    kinds = {cifar.batch_randomness(args, 0, 0, s, 8)["mix"][0] for s in range(20)}
     assert kinds == {"mixup", "cutmix"}
 
 
