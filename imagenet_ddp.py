@@ -454,11 +454,12 @@ def weights_fingerprint(model, device):
     return bool(torch.equal(lo, hi))
 
 
-def run(args):
-    world_env = int(os.environ.get("WORLD_SIZE", 1))
-    # Everything that can fail on bad input happens before the process group exists: every rank fails alike.
+def check_inputs(args):
+    """Everything that can fail on bad input (data, checkpoint, batch size), done by every rank before any
+    collective. Returns (classes, train samples, val samples, resume state or None, model to evaluate or None)."""
+    global_batch = args.batch_size * int(os.environ.get("WORLD_SIZE", 1)) * args.grad_accum
     classes, train_samples, val_samples = check_data(args.data)
-    resume = None
+    resume = eval_model = None
     if args.evaluate:
         path = args.checkpoint or (os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume)
         try:
@@ -470,14 +471,16 @@ def run(args):
             raise UserError(f"{path} was trained on other classes than {args.data}/val")
         args.image_size = int(ck.get("image_size", args.image_size))
     elif not args.benchmark_data:
-        gb = args.batch_size * world_env * args.grad_accum
         resume = load_resume(args, RESUME_MUST_MATCH, "imagenet_ddp.py",
-                             also=[("global_batch", gb, "a global batch (batch-size x processes x grad-accum) of")])
-    global_batch = args.batch_size * world_env * args.grad_accum
+                             also=[("global_batch", global_batch, "a global batch (batch-size x processes x grad-accum) of")])
     if not args.evaluate and not args.benchmark_data and len(train_samples) < global_batch:
         raise UserError(f"the global batch ({global_batch}) is larger than train/ ({len(train_samples)} images)")
+    return classes, train_samples, val_samples, resume, eval_model
 
-    rank, world, device = setup_distributed(args.device)
+
+def run(args, inputs, rank, world, device):
+    classes, train_samples, val_samples, resume, eval_model = inputs
+    global_batch = args.batch_size * world * args.grad_accum
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     amp_dtype = pick_amp(args.amp, device)
     if args.benchmark_data:
@@ -598,12 +601,31 @@ def benchmark_data(args, samples, device, log):
 
 
 def main(argv=None):
+    def fail(msg):
+        print(f"imagenet_ddp.py: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+
+    args = error = None
     try:
         args = get_args(argv)
-        return run(args)
+        inputs = check_inputs(args)
     except UserError as e:
-        print(f"imagenet_ddp.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        error = e
+    if error is not None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return fail(error)
+    try:
+        if error is not None:
+            fail(error)
+        # Bad input fails on every rank, but torchrun kills all workers as soon as one exits with an error, which
+        # would cut the other ranks' error lines short. So a rank that failed prints first, then every rank votes
+        # here: all error lines are out before anyone exits, and ranks whose own checks passed exit too.
+        rank, world, device = setup_distributed(args.device if args else "cpu")
+        failed = int(all_sum([0.0 if error is None else 1.0], device)[0])
+        if failed:
+            return 2 if error is not None else fail(f"{failed} of {world} ranks failed their start-up checks (see above)")
+        return run(args, inputs, rank, world, device)
+    except UserError as e:
+        return fail(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
