@@ -351,6 +351,37 @@ def test_mixup_cutmix_weights():
     assert kinds == {"mixup", "cutmix"}
 
 
+def test_matmul_wgrad_conv_matches_onednn_and_keeps_parameters():
+    torch.manual_seed(0)
+    plain = M.build_model("resnet18", 10, stem="cifar").to(memory_format=torch.channels_last)
+    fast = cifar.use_matmul_wgrad(copy.deepcopy(plain))
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert type(copy.deepcopy(fast).layer4[1].conv1) is cifar.MatmulWgradConv2d  # EMA / benchmark copies keep it
+    assert type(fast.conv1) is cifar.MatmulWgradConv2d and type(fast.layer2[0].conv1) is nn.Conv2d  # stride 2 left alone
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+    for net in (plain, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.functional.cross_entropy(net(x), y).backward()
+    # the custom backward ran on the 4x4 maps of layer4 and only there
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small = fast.layer4[1].conv1(torch.randn(2, 512, 4, 4, requires_grad=True))
+        large = fast.layer1[0].conv1(torch.randn(2, 64, 32, 32, requires_grad=True))
+    assert "MatmulWgrad" in small.grad_fn.name() and "MatmulWgrad" not in large.grad_fn.name()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert q.grad.dtype == p.grad.dtype and q.grad.shape == p.grad.shape
+        assert (q.grad - p.grad).abs().max() <= 0.02 * p.grad.abs().max(), name  # bf16 rounding only
+    # exact check of the im2col arithmetic in float64 against autograd's own convolution
+    xs = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(6, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    ref = torch.autograd.grad(nn.functional.conv2d(xs, ws, padding=1), (xs, ws), g)
+    got = torch.autograd.grad(cifar._Conv3x3MatmulWgrad.apply(xs, ws), (xs, ws), g)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ref, got))
+    with torch.no_grad():  # evaluation is the plain convolution, bit for bit
+        assert torch.equal(plain.eval()(x), fast.eval()(x))
+
+
 def test_cifar_two_epochs_writes_outputs_and_learns(tmp_path, capsys):
     write_tiny_cifar(tmp_path / "d", n_train=160, n_test=40)
     out = tmp_path / "run"
