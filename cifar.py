@@ -598,19 +598,23 @@ def restore_training_state(ckpt, model, opt, sched, scaler, ema):
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
 
 
+def training_batch(args, x_tr, y_tr, order, epoch, step, mean, std):
+    """Batch `step` of an epoch: its images from the epoch's order, augmented and mixed. Returns (x, y, lam)."""
+    idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+    r = batch_randomness(args, args.seed, epoch, step, len(idx))
+    x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
+    return x, y_tr[idx], lam
+
+
 def train_one_epoch(args, epoch, first, x_tr, y_tr, mean, std, model, fwd, opt, sched, scaler, ema, stop, device,
                     amp_dtype, sums, eta):
     """Steps first.. of one epoch. Returns None at the epoch's end, or the step it stopped after on a signal."""
     model.train()
-    n, B = len(y_tr), args.batch_size
-    steps = n // B
-    order = epoch_order(args.seed, epoch, n).to(device)
+    steps = len(y_tr) // args.batch_size
+    order = epoch_order(args.seed, epoch, len(y_tr)).to(device)
     for step in range(first, steps):
         t_step = time.time()
-        idx = order[step * B:(step + 1) * B]
-        r = batch_randomness(args, args.seed, epoch, step, B)
-        x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
-        y = y_tr[idx]
+        x, y, lam = training_batch(args, x_tr, y_tr, order, epoch, step, mean, std)
         loss, logits = train_step(fwd, x, y, lam, opt, sched, scaler, device, amp_dtype, args.label_smoothing)
         if ema is not None:
             ema.update(model)
@@ -688,6 +692,11 @@ def train(args):
     run_t0, done0, total = time.time(), start_epoch * steps_per_epoch + start_step, args.epochs * steps_per_epoch
     eta = lambda done: (time.time() - run_t0) / max(done - done0, 1) * (total - done)
     summary = {}
+
+    def save_last(epoch, step, sums):
+        M.save_checkpoint(os.path.join(args.out, "last.pt"), **training_state(model, opt, sched, scaler, ema),
+                          epoch=epoch, step=step, best_top1=best, epoch_sums=sums, args=vars(args), **info)
+
     with StopFlag() as stop:
         for epoch in range(start_epoch, args.epochs):
             first = start_step if epoch == start_epoch else 0
@@ -696,8 +705,7 @@ def train(args):
             stopped = train_one_epoch(args, epoch, first, x_tr, y_tr, mean, std, model, fwd, opt, sched, scaler, ema,
                                       stop, device, amp_dtype, sums, eta)
             if stopped is not None:
-                M.save_checkpoint(os.path.join(args.out, "last.pt"), **training_state(model, opt, sched, scaler, ema),
-                                  epoch=epoch, step=stopped, best_top1=best, epoch_sums=sums, args=vars(args), **info)
+                save_last(epoch, stopped, sums)
                 print(f"stopped by signal {stop.signum} at epoch {epoch + 1} step {stopped}; "
                       f"saved {args.out}/last.pt, continue with --resume auto", flush=True)
                 return 128 + stop.signum
@@ -707,8 +715,7 @@ def train(args):
                 best = row["val_top1"]
                 M.save_checkpoint(os.path.join(args.out, "best.pt"), model=model.state_dict(),
                                   ema=ema.state_dict() if ema else None, epoch=epoch + 1, val_top1=best, **info)
-            M.save_checkpoint(os.path.join(args.out, "last.pt"), **training_state(model, opt, sched, scaler, ema),
-                              epoch=epoch + 1, step=0, best_top1=best, epoch_sums={}, args=vars(args), **info)
+            save_last(epoch + 1, 0, {})
             summary = dict(row, best_val_top1=best, out=args.out)
             if stop and epoch + 1 < args.epochs:
                 print(f"stopped by signal {stop.signum} after epoch {epoch + 1}; continue with --resume auto", flush=True)
@@ -766,21 +773,17 @@ def timed_steps(n_steps, make_batch, step_fn, device, warmup=0):
 def benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, device, amp_dtype, steps_per_epoch):
     """Pure compute (one fixed batch, already augmented) vs the real pipeline (sampling, augmentation, mixing
     and the same train step), same precision and memory format. Prints one JSON line."""
-    n, B = len(y_tr), args.batch_size
-    order = epoch_order(args.seed, 0, n).to(device)
+    B = args.batch_size
+    order = epoch_order(args.seed, 0, len(y_tr)).to(device)
+    real_batch = lambda i: training_batch(args, x_tr, y_tr, order, 0, i % steps_per_epoch, mean, std)
 
-    def real_batch(i):
-        step = i % steps_per_epoch
-        idx = order[step * B:(step + 1) * B]
-        r = batch_randomness(args, args.seed, 0, step, B)
-        x, lam = mix_batch(augment(x_tr[idx], r, mean, std, args.crop_pad, args.cutout, args.channels_last), r["mix"])
-        return x, y_tr[idx], lam
-
-    def step(x, y, lam):
-        loss = train_step(fwd, x, y, lam, opt, sched, scaler, device, amp_dtype, args.label_smoothing)[0].item()
-        if ema is not None:
-            ema.update(model)
-        return loss
+    def stepper(net, net_fwd, net_opt, net_sched):
+        def step(x, y, lam):
+            loss = train_step(net_fwd, x, y, lam, net_opt, net_sched, scaler, device, amp_dtype, args.label_smoothing)[0]
+            if ema is not None:
+                ema.update(net)
+            return loss.item()
+        return step
 
     # Pure compute repeats one fixed batch on a copy of the model whose LR is 0: the same arithmetic (momentum
     # and weight decay included), but the copy never fits the batch. Fitting it would drive gradients into
@@ -790,16 +793,10 @@ def benchmark(args, fwd, model, opt, sched, scaler, ema, x_tr, y_tr, mean, std, 
     twin = copy.deepcopy(model).train()
     twin_opt = torch.optim.SGD(param_groups(twin, args.wd), lr=0.0, momentum=args.momentum, nesterov=args.nesterov)
     twin_sched = torch.optim.lr_scheduler.LambdaLR(twin_opt, lambda s: 1.0)
-    twin_fwd = torch.compile(twin) if args.compile else twin
-
-    def twin_step(x, y, lam):
-        out = train_step(twin_fwd, x, y, lam, twin_opt, twin_sched, scaler, device, amp_dtype, args.label_smoothing)[0].item()
-        if ema is not None:
-            ema.update(twin)
-        return out
+    twin_step = stepper(twin, torch.compile(twin) if args.compile else twin, twin_opt, twin_sched)
 
     model.train()
-    contenders = {"compute": (lambda i: fixed, twin_step), "pipeline": (real_batch, step)}
+    contenders = {"compute": (lambda i: fixed, twin_step), "pipeline": (real_batch, stepper(model, fwd, opt, sched))}
     if args.benchmark_article:
         contenders["article"] = article_recipe(args, device)
     # Alternate rounds of 2 steps of each contender, so that clock drift or a noisy neighbour hits all alike
