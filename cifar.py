@@ -93,8 +93,8 @@ def get_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format (faster convs on tensor cores and oneDNN)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--matmul-wgrad", action=argparse.BooleanOptionalAction, default=True,
-                   help="CPU + bf16 only: weight gradients of 3x3 convs on maps of <= 4x4 as one matmul (faster there)")
+    p.add_argument("--matmul-conv", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU + bf16 only: train 3x3 convs with <= 4x4 outputs as im2col matmuls (faster there)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and augmentation")
     p.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="time N steps of pure compute and N steps of the real pipeline, print JSON, exit")
@@ -446,49 +446,64 @@ def evaluate(model, x_all, y_all, mean, std, device, amp_dtype, channels_last, t
     return loss_sum / n, 100.0 * top1 / n, 100.0 * top5 / n
 
 
-class _Conv3x3MatmulWgrad(torch.autograd.Function):
-    """A 3x3, stride-1, padding-1 convolution whose weight gradient is one matmul over im2col columns.
-    Measured here (bf16, batch 128, 512 -> 512 channels on 4x4 maps): oneDNN's weight-gradient kernel took
-    90 ms against 13 ms for the forward pass; the im2col matmul takes 20 ms. ResNet-18 on CIFAR trained 33%
-    faster (113 -> 150 img/s). On larger maps oneDNN wins, and the columns (9x the activations) get big."""
+class _Conv3x3Matmul(torch.autograd.Function):
+    """A 3x3, padding-1 convolution (stride 1 or 2) as matmuls over im2col columns: the forward pass, the input
+    gradient and the weight gradient are one matmul each. Measured here (bf16, batch 128, channels_last,
+    forward + backward): 512 -> 512 channels on 4x4 maps 164 ms with oneDNN, 100 ms with only the weight
+    gradient as a matmul, 61 ms all as matmuls; the stride-2 256 -> 512 conv (8x8 -> 4x4) 98 ms -> 27 ms.
+    On 8x8 outputs oneDNN wins (73 ms against 92), and the columns (9x the activations) get big."""
 
     @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return F.conv2d(x, w, padding=1)
+    def forward(ctx, x, w, stride):
+        n, c, h, wd = x.shape
+        ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
+        # columns: one row per output pixel, holding its 3x3 neighbourhood in (ky, kx, channel) order
+        xp = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+        cols = torch.stack([xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+                            for i in range(3) for j in range(3)], dim=3).reshape(-1, 9 * c)
+        ctx.save_for_backward(cols, w)
+        ctx.geometry = (n, c, h, wd, ho, wo, stride)
+        w_rows = w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * c)
+        return (cols @ w_rows.t()).view(n, ho, wo, -1).permute(0, 3, 1, 2)  # NCHW view, channels_last strides
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        n, c, h, wd = x.shape
-        grad_x = torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                     [True, False, False])[0]
-        # columns: one row per output pixel, holding its 3x3 neighbourhood in (ky, kx, channel) order
-        xp = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)
-        cols = torch.stack([xp[:, i:i + h, j:j + wd] for i in range(3) for j in range(3)], dim=3).reshape(-1, 9 * c)
-        grad_w = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1]).t() @ cols
-        grad_w = grad_w.view(-1, 3, 3, c).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        return grad_x, grad_w
+        cols, w = ctx.saved_tensors
+        n, c, h, wd, ho, wo, s = ctx.geometry
+        g = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+        grad_w = (g.t() @ cols).view(-1, 3, 3, c).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        # input gradient: the columns' gradient, each of its 9 taps added back where that tap read the input
+        grad_cols = (g @ w.permute(0, 2, 3, 1).reshape(w.shape[0], 9 * c)).view(n, ho, wo, 3, 3, c)
+        grad_xp = grad.new_zeros(n, h + 2, wd + 2, c)
+        for i in range(3):
+            for j in range(3):
+                grad_xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] += grad_cols[:, :, :, i, j]
+        grad_x = grad_xp[:, 1:h + 1, 1:wd + 1].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        return grad_x, grad_w, None
 
 
-class MatmulWgradConv2d(torch.nn.Conv2d):
-    """nn.Conv2d (same parameters, same state_dict) that trains through _Conv3x3MatmulWgrad on small maps under
-    CPU bf16 autocast, and is a plain Conv2d everywhere else (eval, fp32, CUDA, larger maps)."""
+class MatmulConv2d(torch.nn.Conv2d):
+    """nn.Conv2d (same parameters, same state_dict) that trains through _Conv3x3Matmul when its output is at
+    most 4x4 under CPU bf16 autocast, and is a plain Conv2d everywhere else (eval, fp32, CUDA, larger maps)."""
 
     def _conv_forward(self, x, weight, bias):
-        if (x.shape[-1] * x.shape[-2] <= 16 and torch.is_grad_enabled() and x.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        s = self.stride[0]
+        if (((x.shape[-2] - 1) // s + 1) * ((x.shape[-1] - 1) // s + 1) <= 16 and torch.is_grad_enabled()
+                and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16):
             with torch.autocast("cpu", enabled=False):
-                return _Conv3x3MatmulWgrad.apply(x.to(torch.bfloat16), weight.to(torch.bfloat16))
+                return _Conv3x3Matmul.apply(x.to(torch.bfloat16), weight.to(torch.bfloat16), s)
         return super()._conv_forward(x, weight, bias)
 
 
-def use_matmul_wgrad(model):
-    """Switch the model's bias-free 3x3 stride-1 convs to MatmulWgradConv2d in place (parameters untouched)."""
+def use_matmul_conv(model):
+    """Switch the model's bias-free 3x3 convs (stride 1 or 2, padding 1) to MatmulConv2d in place (parameters
+    untouched). On ResNet-18 for CIFAR that is every 3x3 conv; only those of the last stage take the matmuls."""
     for m in model.modules():
-        if (type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
-                and m.dilation == (1, 1) and m.groups == 1 and m.bias is None and m.padding_mode == "zeros"):
-            m.__class__ = MatmulWgradConv2d
+        if (type(m) is torch.nn.Conv2d and m.kernel_size == (3, 3) and m.stride in ((1, 1), (2, 2))
+                and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1 and m.bias is None
+                and m.padding_mode == "zeros"):
+            m.__class__ = MatmulConv2d
     return model
 
 
@@ -672,8 +687,8 @@ def train(args):
     model = M.build_model(args.arch, len(classes), stem="cifar", zero_init_residual=args.zero_init_residual).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.matmul_wgrad and device.type == "cpu" and amp_dtype == torch.bfloat16 and not args.compile:
-        use_matmul_wgrad(model)
+    if args.matmul_conv and device.type == "cpu" and amp_dtype == torch.bfloat16 and not args.compile:
+        use_matmul_conv(model)
     # (a benchmark may run more steps than a short schedule has, and OneCycleLR refuses to step past its end)
     opt, sched = build_optimizer(model, args, max(steps_per_epoch, 2 * args.benchmark + 10) if args.benchmark else steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import model as M
 import cifar
-from cifar import Parser, UserError, autocast, param_groups, pick_amp, pick_device, use_matmul_wgrad
+from cifar import Parser, UserError, autocast, param_groups, pick_amp, pick_device, use_matmul_conv
 
 
 def get_args(argv=None):
@@ -224,7 +224,7 @@ def build(args, num_classes, stem, device):
     else:
         torch.manual_seed(args.seed)
         net = M.build_model(args.arch, num_classes, stem=stem)
-    net = use_matmul_wgrad(net.to(device).to(memory_format=torch.channels_last))  # same arithmetic as cifar.py
+    net = use_matmul_conv(net.to(device).to(memory_format=torch.channels_last))  # same arithmetic as cifar.py
     opt = torch.optim.SGD(param_groups(net, args.wd), lr=args.start_lr, momentum=args.momentum)
     return net, opt
 
