@@ -1,22 +1,26 @@
-"""LR range test (Smith 2015, "Cyclical Learning Rates"): sweep the learning rate upward for a short while,
-watch the loss, and pick the One Cycle max LR from the curve. Written by hand, no torch-lr-finder.
+"""LR range test (Smith 2015, "Cyclical Learning Rates"): raise the learning rate step by step from tiny to huge,
+watch the training loss, and read the One Cycle peak LR off the curve. Written by hand, no torch-lr-finder.
+--verify then checks the reading: a short One Cycle run from each candidate, same init, same batches.
 
-CPU (CIFAR-10 photos as a folder data set):
-    python lrfind.py --dataset folder --data-dir data/cifar10-jpg --num-iter 100
-One GPU, CIFAR-100 / an ImageNet folder:
-    python lrfind.py --dataset cifar100 --device cuda
-    python lrfind.py --imagenet /data/imagenet --arch resnet50 --batch-size 256 --device cuda
+CPU (CIFAR-10 photos as a folder data set), then the check of its suggestion:
+    python lrfind.py --dataset folder --data-dir data/cifar10-jpg --batch-size 128
+    python lrfind.py --dataset folder --data-dir data/cifar10-jpg --batch-size 128 --verify 100
+One GPU, CIFAR-100 / an ImageNet-style folder (Imagenette here, ImageNet the same way):
+    python lrfind.py --dataset cifar100 --device cuda --verify 200
+    python lrfind.py --dataset imagenet --data-dir data/imagenette-224 --image-size 128 --arch resnet50 --batch-size 64 --device cuda
 
-It prints the suggested --lr as a ready command, writes OUT/lrfind.csv, OUT/lrfind.json and (with
-matplotlib) OUT/lrfind.png. The model, optimizer state, BN statistics and RNG state are restored after the
-sweep, and nothing on disk is modified except OUT.
+It prints the suggested --lr as a ready command for cifar.py or imagenet_ddp.py, and writes OUT/lrfind.csv,
+OUT/lrfind.json and (with matplotlib) OUT/lrfind.png. The model, optimizer state, BN statistics and RNG state are
+restored after the sweep, and nothing on disk is modified except OUT.
 """
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import math
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -24,49 +28,87 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-import cifar
-from cifar import Parser, UserError, autocast, param_groups, pick_amp, pick_device, use_matmul_conv
+
+CIFAR = {  # the official python-version archives, as cifar.py reads them
+    "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", archive="cifar-10-python.tar.gz",
+                    md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py", labels="labels",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", archive="cifar-100-python.tar.gz",
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python", labels="fine_labels",
+                     train=["train"], test=["test"], mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+RULES = ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")
+
+
+class UserError(Exception):
+    """Bad flags, data or checkpoints: reported as one line, no traceback."""
+
+    def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
+        text = super().__str__().strip()
+        return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error
+        raise UserError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: every flag's default, and the docstring's launch commands kept as written."""
+
+
+def build_parser():
+    p = Parser(description="LR range test: which --lr to give cifar.py or imagenet_ddp.py.", formatter_class=HelpFormatter,
+               epilog="launch commands:\n" + __doc__.split("\n\n")[1])
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "imagenet"],
+                   help="as in cifar.py (32x32, CIFAR stem); imagenet = an ImageFolder root with train/ and val/, as imagenet_ddp.py")
+    g.add_argument("--data-dir", default="./data", help="as in cifar.py, or the ImageFolder root with --dataset imagenet")
+    g.add_argument("--imagenet", default=None, metavar="DIR", help="same as --dataset imagenet --data-dir DIR")
+    g.add_argument("--image-size", type=int, default=224, help="training crop size with --dataset imagenet")
+    g.add_argument("--workers", type=int, default=2, help="decoding threads (folder) or DataLoader workers (imagenet)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", choices=list(M.ARCHS), help="network")
+    g.add_argument("--checkpoint", default=None, help="sweep from these weights instead of a fresh init")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=128, help="images per step (use the training batch size)")
+    g.add_argument("--wd", type=float, default=5e-4, help="weight decay (not on BN and bias)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--start-lr", type=float, default=1e-5, help="first LR of the sweep")
+    g.add_argument("--end-lr", type=float, default=10.0, help="last LR of the sweep")
+    g.add_argument("--num-iter", type=int, default=100, help="sweep steps")
+    g.add_argument("--mode", default="exp", choices=["exp", "linear"], help="LR spacing")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+    g.add_argument("--smooth", type=int, default=0, help="moving-average window of the loss in steps; 0 = 5%% of --num-iter (>= 3)")
+    g.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
+    g.add_argument("--suggest", default="edge", choices=RULES,
+                   help="the rule whose LR is printed when --verify is off (README: the measured comparison)")
+    g.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="train N steps of One Cycle from each candidate LR (same init, same batches) and suggest the one "
+                        "with the lowest validation loss")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision, as in the trainers")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output folder (default: runs/lrfind-<dataset>-<arch>)")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    return p
 
 
 def get_args(argv=None):
-    p = Parser(description="LR range test: which --lr to give cifar.py or imagenet_ddp.py.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # data (as in cifar.py), or an ImageNet folder
-    p.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder"], help="as in cifar.py")
-    p.add_argument("--data-dir", default="./data", help="as in cifar.py")
-    p.add_argument("--imagenet", default=None, metavar="DIR", help="sweep on an ImageFolder root with ImageNet transforms instead")
-    p.add_argument("--image-size", type=int, default=224, help="crop size with --imagenet")
-    p.add_argument("--workers", type=int, default=2, help="decode threads (folder) or DataLoader workers (--imagenet)")
-    # model
-    p.add_argument("--arch", default="resnet18", choices=list(M.ARCHS), help="network (CIFAR stem unless --imagenet)")
-    p.add_argument("--checkpoint", default=None, help="sweep from these weights instead of a fresh init")
-    # optimisation
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (use the training batch size)")
-    p.add_argument("--wd", type=float, default=5e-4, help="weight decay (not on BN and bias)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--start-lr", type=float, default=1e-7, help="first LR of the sweep")
-    p.add_argument("--end-lr", type=float, default=10.0, help="last LR of the sweep")
-    p.add_argument("--num-iter", type=int, default=100, help="sweep steps")
-    p.add_argument("--mode", default="exp", choices=["exp", "linear"], help="LR spacing")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--beta", type=float, default=0.98, help="EMA smoothing of the loss (bias-corrected)")
-    p.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
-    p.add_argument("--suggest", default="min", choices=["min", "valley", "steepest", "min_div10"],
-                   help="which suggestion becomes suggested_lr (see README: 'min' measured best for One Cycle here)")
-    # runtime
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision, as in the trainers")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, order and augmentation")
-    # output
-    p.add_argument("--out", default=None, help="output folder (default runs/lrfind-<dataset>-<arch>)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    args = p.parse_args(argv)
-    name = "imagenet" if args.imagenet else args.dataset
-    args.out = args.out or os.path.join("runs", f"lrfind-{name}-{args.arch}")
+    args = build_parser().parse_args(argv)
+    if args.imagenet:
+        args.dataset, args.data_dir = "imagenet", args.imagenet
+    args.out = args.out or os.path.join("runs", f"lrfind-{args.dataset}-{args.arch}")
+    args.smooth = args.smooth or max(3, round(args.num_iter * 0.05))
     checks = [(0 < args.start_lr < args.end_lr, "need 0 < --start-lr < --end-lr"), (args.num_iter >= 10, "--num-iter must be >= 10"),
               (args.batch_size >= 1 and args.accum >= 1, "--batch-size and --accum must be >= 1"),
-              (0 <= args.beta < 1, "--beta must be in [0, 1)"), (args.diverge > 1, "--diverge must be > 1"),
-              (args.wd >= 0, "--wd must be >= 0")]
+              (args.smooth >= 1, "--smooth must be >= 1"), (args.diverge > 1, "--diverge must be > 1"),
+              (args.wd >= 0, "--wd must be >= 0"), (args.verify == 0 or args.verify >= 10, "--verify needs >= 10 steps"),
+              (args.image_size >= 16, "--image-size must be >= 16"), (args.workers >= 0, "--workers must be >= 0")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
@@ -74,144 +116,223 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The sweep, usable on any model / optimizer / batch source
+# Runtime helpers (the trainers carry their own copies: each script stands alone beside model.py)
 # ---------------------------------------------------------------------------------------------------
-def lr_schedule(start, end, n, mode):
-    if mode == "exp":
-        return [start * (end / start) ** (i / (n - 1)) for i in range(n)]
-    return [start + (end - start) * i / (n - 1) for i in range(n)]
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
-def lr_range_test(model, optimizer, next_batch, lrs, loss_fn=F.cross_entropy, accum=1, beta=0.98, diverge=4.0,
-                  device=torch.device("cpu"), amp_dtype=None):
-    """Train one step per LR in lrs; returns (records [(lr, loss, smoothed)], lr at which it stopped or None).
-
-    Everything the sweep touches is restored afterwards: weights, BN buffers, optimizer state, LRs and the
-    torch RNG. The smoothed loss is an exponential moving average with bias correction (as in Adam), so
-    the first points are not dragged towards zero."""
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(optimizer.state_dict())
-    saved_rng = torch.get_rng_state()
-    saved_cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    records, avg, best, stopped = [], 0.0, math.inf, None
-    was_training = model.training
-    model.train()
-    try:
-        for i, lr in enumerate(lrs):
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for _ in range(accum):
-                x, y = next_batch()
-                with autocast(device, amp_dtype):
-                    out = model(x)
-                loss = loss_fn(out.float(), y)
-                scaler.scale(loss / accum).backward()
-                loss_sum += loss.item() / accum
-            scaler.step(optimizer)
-            scaler.update()
-            avg = beta * avg + (1 - beta) * loss_sum
-            smoothed = avg / (1 - beta ** (i + 1))
-            records.append((lr, loss_sum, smoothed))
-            if not math.isfinite(smoothed) or (i > 0 and smoothed > diverge * best):
-                stopped = lr
-                break
-            best = min(best, smoothed)
-    finally:
-        model.load_state_dict(saved_model)
-        optimizer.load_state_dict(saved_opt)
-        torch.set_rng_state(saved_rng)
-        if saved_cuda_rng is not None:
-            torch.cuda.set_rng_state_all(saved_cuda_rng)
-        model.train(was_training)
-    return records, stopped
+def pick_amp(amp, device):
+    """The trainers' choice: bf16 where the hardware has it (no loss scaling), fp16 on older GPUs, else fp32."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def suggestions(records, skip_start=0.1, skip_end=0.05):
-    """valley (fastai's default), steepest descent of the smoothed loss against log LR, and min/10.
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    Computed on the curve without its first 10% (noisy start) and last 5% (blow-up) of points, and, for
-    valley and steepest, only up to the lowest smoothed loss: past it the loss is diverging, and a short dip
-    while it thrashes at a huge LR must not count as a descent."""
-    lrs = np.array([r[0] for r in records])
-    sm = np.array([r[2] for r in records])
-    n = len(sm)
-    lo, hi = int(n * skip_start), n - max(1, int(n * skip_end))
-    lrs, sm = lrs[lo:hi], sm[lo:hi]
-    finite = np.isfinite(sm)
-    lrs, sm = lrs[finite], sm[finite]
-    if len(sm) < 3:
-        raise UserError(f"the sweep stopped after {n} steps, too early to suggest anything: lower --start-lr or raise --diverge")
-    best = int(np.argmin(sm))
-    min_div10 = float(lrs[best] / 10)
-    lrs, sm = lrs[:best + 1], sm[:best + 1]
-    if len(sm) < 3:
-        raise UserError("the loss never fell during the sweep: lower --start-lr, or check the data and model")
-    steepest = float(lrs[int(np.argmin(np.gradient(sm, np.log10(lrs))))])
-    loss_min = float(lrs[-1])  # where the smoothed loss stops falling: the top of a One Cycle (Smith & Topin 2017)
-    # valley: the longest stretch over which the loss keeps falling (longest decreasing subsequence), and the
-    # LR halfway along it: far enough down the slope to train fast, well before the minimum where it blows up.
-    length = np.ones(len(sm), dtype=int)
-    for i in range(1, len(sm)):
-        for j in range(i):
-            if sm[i] < sm[j] and length[j] + 1 > length[i]:
-                length[i] = length[j] + 1
-    end = int(np.argmax(length))
-    start = end - int(length[end]) + 1
-    valley = float(lrs[start + (end - start) // 2])
-    return dict(min=loss_min, valley=valley, steepest=steepest, min_div10=min_div10)
+
+def seeded(*ints):
+    return np.random.default_rng(np.random.SeedSequence([int(i) for i in ints]))
+
+
+def param_groups(model, wd):
+    """No weight decay on BN parameters and biases, as in the trainers."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data and model, borrowed from the trainers
+# Data: batches as a function of (seed, epoch, step), so every --verify candidate sees the same ones
 # ---------------------------------------------------------------------------------------------------
-def cifar_batches(args, device):
-    x_tr, y_tr, _, _, classes, mean, std = cifar.load_data(args)
+def list_image_folder(root):
+    if not os.path.isdir(root):
+        raise UserError(f"{root}: no such folder")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    samples = [(os.path.join(dp, f), label) for label, c in enumerate(classes)
+               for dp, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True))
+               for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
+    if not samples:
+        raise UserError(f"{root} holds no images in class folders (expected {root}/<class>/<image>)")
+    return classes, samples
+
+
+def split_folders(root, val_names):
+    """(train dir, val dir) of an ImageFolder root, checked to hold the same classes."""
+    val = next((os.path.join(root, v) for v in val_names if os.path.isdir(os.path.join(root, v))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or val is None:
+        raise UserError(f"{root} must hold train/<class>/* and {' or '.join(v + '/' for v in val_names)}<class>/*")
+    return os.path.join(root, "train"), val
+
+
+def read_cifar(args):
+    """The official archive (downloaded, md5-checked, when missing), as uint8 [N,3,32,32] + labels per split."""
+    spec = CIFAR[args.dataset]
+    folder = os.path.join(args.data_dir, spec["folder"])
+    if not os.path.isdir(folder):
+        import socket
+        from torchvision.datasets.utils import download_and_extract_archive
+        socket.setdefaulttimeout(15)
+        try:
+            download_and_extract_archive(spec["url"], args.data_dir, filename=spec["archive"], md5=spec["md5"])
+        except Exception as e:
+            raise UserError(f"cannot get {args.dataset} ({type(e).__name__}): download {spec['url']} and put "
+                            f"{spec['archive']} in {os.path.abspath(args.data_dir)}/") from None
+    splits = []
+    for names in (spec["train"], spec["test"]):
+        try:
+            ds = [pickle.load(open(os.path.join(folder, n), "rb"), encoding="latin1") for n in names]
+        except Exception as e:
+            raise UserError(f"{folder} is not a complete CIFAR folder ({type(e).__name__}: {e})") from None
+        x = np.concatenate([np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for d in ds])
+        splits.append((torch.from_numpy(x), torch.tensor([l for d in ds for l in d[spec["labels"]]])))
+    num_classes = 10 if args.dataset == "cifar10" else 100
+    return splits, num_classes, spec["mean"], spec["std"]
+
+
+def read_folder_32(args):
+    """A folder data set as cifar.py stores it: every photo squashed to 32x32 (model.py's preprocessing)."""
+    from concurrent.futures import ThreadPoolExecutor
+    train_dir, val_dir = split_folders(args.data_dir, ("test", "val"))
+    (classes, train), (_, val) = list_image_folder(train_dir), list_image_folder(val_dir)
+
+    def decode(path):
+        try:
+            return M.eval_image(path, 32)
+        except M.ImageError as e:
+            raise UserError(str(e)) from None
+    splits = []
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:  # PIL releases the GIL while decoding
+        for samples in (train, val):
+            splits.append((torch.stack(list(pool.map(decode, [p for p, _ in samples]))), torch.tensor([l for _, l in samples])))
+    x = splits[0][0].float().div_(255)
+    return splits, len(classes), tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+
+
+class TensorBatches:
+    """32x32 data held in memory: batch `step` of `epoch` is a slice of the epoch's order, cropped (4-pixel padding)
+    and flipped on the device as cifar.py does. Restartable: batches(epoch=0) replays the same sequence."""
+
+    def __init__(self, x, y, mean, std, batch_size, seed, device, train=True):
+        self.x, self.y, self.mean, self.std = x.to(device), y.to(device), mean, std
+        self.batch_size, self.seed, self.device, self.train = batch_size, seed, device, train
+
+    def __call__(self):
+        epoch = 0
+        while True:
+            order = torch.from_numpy(seeded(self.seed, epoch, 0).permutation(len(self.y))).to(self.device)
+            for step in range(len(self.y) // self.batch_size):
+                idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+                yield self.augment(self.x[idx], seeded(self.seed, epoch, step, 1)), self.y[idx]
+            epoch += 1
+
+    def augment(self, x, rng):
+        B, dev = len(x), self.device
+        shift = torch.from_numpy(rng.integers(0, 9, size=(B, 2))).to(dev)
+        xp = F.pad(x, (4, 4, 4, 4))
+        rows = (shift[:, 0:1] + torch.arange(32, device=dev))[:, None, :, None]
+        cols = (shift[:, 1:2] + torch.arange(32, device=dev))[:, None, None, :]
+        x = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None], rows, cols]
+        x = torch.where(torch.from_numpy(rng.random(B) < 0.5).to(dev)[:, None, None, None], x.flip(3), x)
+        return M.normalize(x, self.mean, self.std, channels_last=True)
+
+    def evaluation(self, limit):
+        """The first `limit` images, in fixed batches of 250, unaugmented."""
+        n = min(limit, len(self.y))
+        for i in range(0, n, 250):
+            yield M.normalize(self.x[i:min(i + 250, n)], self.mean, self.std, channels_last=True), self.y[i:min(i + 250, n)]
+
+
+class ImageNetItems(torch.utils.data.Dataset):
+    """ImageNet-style training items (epoch, index) -> RandomResizedCrop + flip, drawn from (seed, epoch, index);
+    evaluation items: model.py's resize + center crop."""
+
+    def __init__(self, samples, size, seed, train):
+        self.samples, self.size, self.seed, self.train = samples, size, seed, train
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        from PIL import Image
+        epoch, index = item
+        path, label = self.samples[index]
+        try:
+            if not self.train:
+                return M.eval_image(path, self.size, int(self.size / M.CROP_RATIO)), label
+            im, (W, H) = M.open_rgb(path)
+        except M.ImageError as e:
+            raise UserError(str(e)) from None
+        rng = seeded(self.seed, epoch, index, 2)
+        area, ratio = W * H * rng.uniform(0.08, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = min(W, round(math.sqrt(area * ratio))), min(H, round(math.sqrt(area / ratio)))
+        x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+        im = im.resize((self.size, self.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()), label
+
+
+class LoaderBatches:
+    """ImageNet-style folders through a DataLoader; restartable like TensorBatches."""
+
+    def __init__(self, samples, args, device, train=True):
+        self.items = ImageNetItems(samples, args.image_size, args.seed, train)
+        self.batch_size, self.seed, self.workers, self.device = args.batch_size, args.seed, args.workers, device
+
+    def _loader(self, batches):
+        return torch.utils.data.DataLoader(self.items, batch_sampler=batches, num_workers=self.workers,
+                                           pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, x, y):
+        return M.normalize(x.to(self.device), M.IMAGENET_MEAN, M.IMAGENET_STD, channels_last=True), y.to(self.device)
+
+    def __call__(self):
+        epoch = 0
+        while True:
+            order = seeded(self.seed, epoch, 0).permutation(len(self.items))
+            steps = len(order) // self.batch_size
+            batches = [[(epoch, int(i)) for i in order[s * self.batch_size:(s + 1) * self.batch_size]] for s in range(steps)]
+            for x, y in self._loader(batches):
+                yield self._to_device(x, y)
+            epoch += 1
+
+    def evaluation(self, limit):
+        idx = list(range(min(limit, len(self.items))))
+        for x, y in self._loader([[(0, i) for i in idx[j:j + 100]] for j in range(0, len(idx), 100)]):
+            yield self._to_device(x, y)
+
+
+def make_batches(args, device):
+    """(training batch source, validation batch source, number of classes, stem)."""
+    if args.dataset == "imagenet":
+        train_dir, val_dir = split_folders(args.data_dir, ("val",))
+        (classes, train), (val_classes, val) = list_image_folder(train_dir), list_image_folder(val_dir)
+        if val_classes != classes:
+            raise UserError(f"train/ and val/ of {args.data_dir} have different classes")
+        if len(train) < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train)} images)")
+        val = [val[i] for i in seeded(args.seed, 0, 1).permutation(len(val))]  # a class-mixed prefix for --verify
+        return LoaderBatches(train, args, device), LoaderBatches(val, args, device, train=False), len(classes), "imagenet"
+    ((x_tr, y_tr), (x_va, y_va)), num_classes, mean, std = (read_cifar if args.dataset != "folder" else read_folder_32)(args)
     if len(y_tr) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(y_tr)} images)")
-    x_tr, y_tr = x_tr.to(device), y_tr.to(device)
-    aug = cifar.get_args(["--out", "unused"])  # the trainer's default augmentation: crop + flip
-    steps = len(y_tr) // args.batch_size
-    state = {"epoch": 0, "step": 0, "order": cifar.epoch_order(args.seed, 0, len(y_tr)).to(device)}
-
-    def next_batch():
-        if state["step"] == steps:  # ran out: next epoch, new order
-            state["epoch"] += 1
-            state["step"] = 0
-            state["order"] = cifar.epoch_order(args.seed, state["epoch"], len(y_tr)).to(device)
-        s = state["step"]
-        idx = state["order"][s * args.batch_size:(s + 1) * args.batch_size]
-        r = cifar.batch_randomness(aug, args.seed, state["epoch"], s, args.batch_size)
-        state["step"] += 1
-        return cifar.augment(x_tr[idx], r, mean, std, aug.crop_pad, 0, True), y_tr[idx]
-    return next_batch, len(classes), "cifar"
+    keep = torch.from_numpy(seeded(args.seed, 0, 1).permutation(len(y_va)))
+    val = TensorBatches(x_va[keep], y_va[keep], mean, std, args.batch_size, args.seed, device, train=False)
+    return TensorBatches(x_tr, y_tr, mean, std, args.batch_size, args.seed, device), val, num_classes, "cifar"
 
 
-def imagenet_batches(args, device):
-    import imagenet_ddp as I
-    classes, train, _ = I.check_data(args.imagenet)
-    ds = I.TrainSet(train, args.image_size, args.seed, 0.08, 0.4)
-    sampler = I.EpochBatches(len(train), args.batch_size, 1, 0, 1, args.seed)
-    if sampler.steps == 0:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train)} images)")
-    loader = I.make_loader(ds, sampler, args.workers, device)
-    state = {"epoch": 0, "it": iter(loader)}
-
-    def next_batch():
-        try:
-            x, y = next(state["it"])
-        except StopIteration:
-            state["epoch"] += 1
-            sampler.set_epoch(state["epoch"])
-            state["it"] = iter(loader)
-            x, y = next(state["it"])
-        return I.to_device_normalized(x, device, True), y.to(device)
-    return next_batch, len(classes), "imagenet"
-
-
-def build(args, num_classes, stem, device):
+def build_model(args, num_classes, stem, device):
     if args.checkpoint:
         try:
             ck = M.load_checkpoint(args.checkpoint)
@@ -224,20 +345,194 @@ def build(args, num_classes, stem, device):
     else:
         torch.manual_seed(args.seed)
         net = M.build_model(args.arch, num_classes, stem=stem)
-    net = use_matmul_conv(net.to(device).to(memory_format=torch.channels_last))  # same arithmetic as cifar.py
-    opt = torch.optim.SGD(param_groups(net, args.wd), lr=args.start_lr, momentum=args.momentum)
-    return net, opt
+    return M.use_matmul_conv(net.to(device).to(memory_format=torch.channels_last))  # the trainers' arithmetic
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep, usable on any model / optimizer / batch source
+# ---------------------------------------------------------------------------------------------------
+def lr_schedule(start, end, n, mode):
+    if mode == "exp":
+        return [start * (end / start) ** (i / (n - 1)) for i in range(n)]
+    return [start + (end - start) * i / (n - 1) for i in range(n)]
+
+
+def trailing_mean(values, window):
+    """The mean of the last `window` values: the causal smoothing the stop rule can use while the sweep runs."""
+    tail = values[-window:]
+    return sum(tail) / len(tail)
+
+
+def centred_mean(values, window):
+    """A moving average centred on each point (shorter at the ends): smoothing without lag. An exponential average
+    (fastai's and torch-lr-finder's beta=0.98) trails the raw loss by up to ~50 steps, which on a 100-step sweep over
+    several decades moves the features of the curve to larger LRs: the minimum of a real sweep (README) 4x too high."""
+    v, half = np.asarray(values, dtype=float), window // 2
+    return np.array([np.mean(v[max(0, i - half):i + half + 1]) for i in range(len(v))])
+
+
+@dataclasses.dataclass
+class Sweep:
+    """How the range test trains and when it stops."""
+    accum: int = 1  # micro-batches per step
+    smooth: int = 5  # moving-average window of the loss, in steps
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this x its minimum
+    device: torch.device = torch.device("cpu")
+    amp_dtype: object = None  # autocast dtype, None = fp32
+    loss_fn: object = F.cross_entropy
+
+
+def lr_range_test(model, optimizer, next_batch, lrs, how=Sweep()):
+    """Train one step per LR in lrs; returns (records [(lr, loss)], the lr at which the loss diverged or None).
+
+    Stops once the trailing mean of the last `how.smooth` losses exceeds how.diverge x the lowest such mean (or is not
+    finite). Everything the sweep touches is restored afterwards: weights, BN buffers, optimizer state, LRs and the
+    torch RNG."""
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    saved_rng = torch.get_rng_state()
+    scaler = torch.amp.GradScaler(how.device.type, enabled=how.amp_dtype == torch.float16)
+    records, losses, best, stopped = [], [], math.inf, None
+    was_training = model.training
+    model.train()
+    try:
+        for lr in lrs:
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(how.accum):
+                x, y = next_batch()
+                with autocast(how.device, how.amp_dtype):
+                    out = model(x)
+                loss = how.loss_fn(out.float(), y)
+                scaler.scale(loss / how.accum).backward()
+                loss_sum += loss.item() / how.accum
+            scaler.step(optimizer)
+            scaler.update()
+            records.append((lr, loss_sum))
+            losses.append(loss_sum)
+            recent = trailing_mean(losses, how.smooth)
+            if not math.isfinite(recent) or (len(losses) >= how.smooth and recent > how.diverge * best):
+                stopped = lr
+                break
+            if len(losses) >= how.smooth:
+                best = min(best, recent)
+    finally:
+        model.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved_opt)
+        torch.set_rng_state(saved_rng)
+        model.train(was_training)
+    return records, stopped
+
+
+def suggestions(records, smooth, skip_start=0.1, rise=0.1):
+    """Candidate peak LRs, read off the lag-free smoothed curve without its first 10% (a noisy start):
+    - edge: the last LR before the loss climbs `rise` (10%) above its lowest value so far, where training starts to
+      fail; Smith (2015) takes that point as the top of the cycle. edge/3 and edge/10 step back from it.
+    - min: the lowest loss, and min/3, min/10 (fastai's old advice). On a short sweep from a fresh network the loss is
+      often nearly flat until the edge, and then its minimum is noise anywhere on the plateau.
+    - valley (fastai's default) and steepest descent look only up to the minimum: past it the loss is diverging, and
+      a short dip while it thrashes at a huge LR is no descent."""
+    lrs = np.array([r[0] for r in records])
+    sm = centred_mean([r[1] for r in records], smooth)
+    n = len(sm)
+    lrs, sm = lrs[int(n * skip_start):], sm[int(n * skip_start):]
+    finite = np.isfinite(sm)
+    lrs, sm = lrs[finite], sm[finite]
+    if len(sm) < 3:
+        raise UserError(f"the sweep stopped after {n} steps, too early to suggest anything: lower --start-lr or raise --diverge")
+    climbed = np.nonzero(sm > np.minimum.accumulate(sm) * (1 + rise))[0]
+    edge = float(lrs[climbed[0] - 1] if len(climbed) else lrs[-1])
+    best = int(np.argmin(sm))
+    loss_min = float(lrs[best])
+    lrs, sm = lrs[:max(best + 1, 3)], sm[:max(best + 1, 3)]
+    steepest = float(lrs[int(np.argmin(np.gradient(sm, np.log10(lrs))))])
+    # valley: the longest stretch over which the loss keeps falling (longest decreasing subsequence), and the
+    # LR halfway along it: far enough down the slope to train fast, well before the minimum where it blows up.
+    length = np.ones(len(sm), dtype=int)
+    for i in range(1, len(sm)):
+        earlier = length[:i][sm[:i] > sm[i]]
+        length[i] = 1 + (earlier.max() if len(earlier) else 0)
+    end = int(np.argmax(length))
+    start = end - int(length[end]) + 1
+    return dict(edge=edge, edge_div3=edge / 3, edge_div10=edge / 10, min=loss_min, min_div3=loss_min / 3,
+                min_div10=loss_min / 10, valley=float(lrs[start + (end - start) // 2]), steepest=steepest)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --verify: short One Cycle runs from each candidate
+# ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validation_loss(net, val_batches, device, amp_dtype, limit=2000):
+    net.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in val_batches.evaluation(limit):
+        with autocast(device, amp_dtype):
+            logits = net(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return loss / n, 100.0 * correct / n
+
+
+def short_one_cycle(net, train_batches, lr, steps, args, device, amp_dtype):
+    """cifar.py's One Cycle (25% warm-up from lr/25, cosine down to lr/25e4, momentum 0.95 -> 0.85 -> 0.95), in
+    `steps` steps, from the given weights, on the batch sequence from its start."""
+    opt = torch.optim.SGD(param_groups(net, args.wd), lr=lr, momentum=args.momentum)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25,
+                                                cycle_momentum=args.momentum > 0, base_momentum=0.85, max_momentum=args.momentum)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    net.train()
+    batches = train_batches()
+    for _ in range(steps):
+        for _ in range(args.accum):
+            x, y = next(batches)
+            with autocast(device, amp_dtype):
+                loss = F.cross_entropy(net(x).float(), y)
+            scaler.scale(loss / args.accum).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+
+def verify(net, train_batches, val_batches, candidates, args, device, amp_dtype):
+    """Each candidate (rule, lr) trains args.verify steps from the same weights on the same batches; returns the
+    candidates with their validation loss and top-1, best first. The network's weights are restored afterwards."""
+    init = copy.deepcopy(net.state_dict())
+    results = []
+    for rule, lr in candidates:
+        net.load_state_dict(init)
+        short_one_cycle(net, train_batches, lr, args.verify, args, device, amp_dtype)
+        loss, top1 = validation_loss(net, val_batches, device, amp_dtype)
+        results.append(dict(rule=rule, lr=lr, val_loss=loss if math.isfinite(loss) else float("inf"), val_top1=top1))
+        print(f"verify: {rule} lr {lr:.3g}: validation loss {loss:.4f}, top-1 {top1:.2f}% after {args.verify} steps", flush=True)
+    net.load_state_dict(init)
+    return sorted(results, key=lambda r: r["val_loss"])
+
+
+VERIFIED_RULES = ("edge", "edge_div3", "edge_div10", "min")  # (valley and steepest land far below: they never win)
+
+
+def candidate_lrs(sug):
+    """The distinct candidates --verify tries (within 10% of each other counts as the same), smallest first."""
+    out = []
+    for rule, lr in sorted(((r, sug[r]) for r in VERIFIED_RULES), key=lambda t: t[1]):
+        if not out or lr > out[-1][1] * 1.1:
+            out.append((rule, lr))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------
-def write_outputs(out, records, result):
+def write_outputs(out, records, result, smooth):
     os.makedirs(out, exist_ok=True)
+    sm = centred_mean([r[1] for r in records], smooth)
     with open(os.path.join(out, "lrfind.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["lr", "loss", "smoothed"])
-        w.writerows(records)
+        w.writerows((lr, loss, s) for (lr, loss), s in zip(records, sm))
     with open(os.path.join(out, "lrfind.json"), "w") as f:
         json.dump(result, f, indent=1)
     try:
@@ -247,51 +542,72 @@ def write_outputs(out, records, result):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no lrfind.png", flush=True)
         return
-    lrs, losses, sm = zip(*records)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lrs, losses = zip(*records)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.plot(lrs, losses, color="0.8", lw=1, label="loss")
-    ax.plot(lrs, sm, color="C0", lw=2, label="smoothed loss")
-    for key, color in (("min", "C3"), ("valley", "C4"), ("steepest", "C2"), ("min_div10", "C1")):
-        ax.axvline(result[key], color=color, ls="--", lw=1, label=f"{key} {result[key]:.2g}")
+    ax.plot(lrs, sm, color="C0", lw=2, label=f"smoothed ({smooth}-step centred mean)")
+    for key, color, style in (("edge", "C3", "--"), ("edge_div3", "C1", "--"), ("edge_div10", "C5", "--"), ("min", "C6", ":"),
+                              ("min_div3", "C7", ":"), ("min_div10", "C8", ":"), ("valley", "C4", "-."), ("steepest", "C2", "-.")):
+        ax.axvline(result[key], color=color, ls=style, lw=1, label=f"{key} {result[key]:.2g}")
+    ax.axvline(result["suggested_lr"], color="k", lw=2.5, alpha=0.6,
+               label=f"chosen {result['suggested_lr']:.2g} ({result['suggested_by']})")
     finite = [s for s in sm if math.isfinite(s)]
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="LR range test",
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss",
+           title="LR range test" + ("" if result["diverged"] else " (never diverged: raise --end-lr)"),
            ylim=(min(finite) * 0.9, min(max(finite), 3 * min(finite)) * 1.1))
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lrfind.png"), dpi=110)
     plt.close(fig)
 
 
 def next_command(args, lr):
-    if args.imagenet:
+    if args.dataset == "imagenet":
         per_256 = lr * 256 / args.batch_size  # imagenet_ddp.py's --lr is per 256 images, scaled by the global batch
-        return (f"torchrun --nproc_per_node=8 imagenet_ddp.py --data {args.imagenet} --arch {args.arch} "
-                f"--lr {per_256:.3g} --schedule onecycle  # --lr per 256 images; swept at batch {args.batch_size}")
+        return (f"python imagenet_ddp.py --data {args.data_dir} --arch {args.arch} --image-size {args.image_size} "
+                f"--batch-size {args.batch_size} --lr {per_256:.3g} --schedule onecycle  # --lr is per 256 images there")
     data = "" if args.dataset == "cifar100" else f" --dataset {args.dataset}"
     data += "" if args.data_dir == "./data" else f" --data-dir {args.data_dir}"
     return f"python cifar.py{data} --arch {args.arch} --batch-size {args.batch_size} --wd {args.wd:g} --lr {lr:.3g}"
 
 
+def choose(args, sug, net, batches, device, amp_dtype):
+    """The suggestion: the verified winner with --verify, else the --suggest rule. Returns the result's fields."""
+    if not args.verify:
+        return dict(suggested_lr=sug[args.suggest], suggested_by=args.suggest, verified=False)
+    results = verify(net, batches[0], batches[1], candidate_lrs(sug), args, device, amp_dtype)
+    return dict(suggested_lr=results[0]["lr"], suggested_by=f"verify ({results[0]['rule']})", verified=True,
+                verify_steps=args.verify, verify_steps_total=args.verify * len(results), verify=results)
+
+
+def run(args):
+    device = pick_device(args.device)
+    amp_dtype = pick_amp(args.amp, device)
+    train_batches, val_batches, num_classes, stem = make_batches(args, device)
+    net = build_model(args, num_classes, stem, device)
+    opt = torch.optim.SGD(param_groups(net, args.wd), lr=args.start_lr, momentum=args.momentum)
+    batch_iter = train_batches()
+    how = Sweep(accum=args.accum, smooth=args.smooth, diverge=args.diverge, device=device, amp_dtype=amp_dtype)
+    records, stopped = lr_range_test(net, opt, lambda: next(batch_iter),
+                                     lr_schedule(args.start_lr, args.end_lr, args.num_iter, args.mode), how)
+    sug = suggestions(records, args.smooth)
+    result = dict(choose(args, sug, net, (train_batches, val_batches), device, amp_dtype), **sug,
+                  diverged=stopped is not None, stopped_at=stopped, steps=len(records), smooth=args.smooth)
+    write_outputs(args.out, records, result, args.smooth)
+    print(f"swept {len(records)} steps, " + (f"the loss diverged at lr {stopped:.3g}" if stopped else
+          f"the loss never diverged up to lr {args.end_lr:g}: the curve may be incomplete (raise --end-lr)") +
+          "; suggestions: " + ", ".join(f"{k} {sug[k]:.3g}" for k in RULES), flush=True)
+    note = "" if result["verified"] else f" (unverified: --verify 100 checks it with short runs from each candidate)"
+    print(f"suggested One Cycle peak LR: {result['suggested_lr']:.3g}, by {result['suggested_by']}{note}; next:\n"
+          f"    {next_command(args, result['suggested_lr'])}", flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
 def main(argv=None):
     try:
-        args = get_args(argv)
-        device = pick_device(args.device)
-        amp_dtype = pick_amp(args.amp, device)
-        next_batch, num_classes, stem = (imagenet_batches if args.imagenet else cifar_batches)(args, device)
-        net, opt = build(args, num_classes, stem, device)
-        lrs = lr_schedule(args.start_lr, args.end_lr, args.num_iter, args.mode)
-        records, stopped = lr_range_test(net, opt, next_batch, lrs, accum=args.accum, beta=args.beta,
-                                         diverge=args.diverge, device=device, amp_dtype=amp_dtype)
-        sug = suggestions(records)
-        result = dict(suggested_lr=sug[args.suggest], suggested_by=args.suggest, **sug, stopped_at=stopped, steps=len(records))
-        write_outputs(args.out, records, result)
-        stop_text = f"stopped at lr {stopped:.3g} (loss diverged)" if stopped else "ran the whole sweep"
-        print(f"swept {len(records)} steps, {stop_text}; suggestions: min {sug['min']:.3g}, valley {sug['valley']:.3g}, "
-              f"steepest {sug['steepest']:.3g}, min/10 {sug['min_div10']:.3g}", flush=True)
-        print(f"suggested One Cycle max LR: {result['suggested_lr']:.3g}; next:\n    {next_command(args, result['suggested_lr'])}", flush=True)
-        if args.json:
-            print(json.dumps(result), flush=True)
-        return 0
+        return run(get_args(argv))
     except UserError as e:
         print(f"lrfind.py: error: {e}", file=sys.stderr, flush=True)
         return 2

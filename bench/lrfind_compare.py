@@ -1,0 +1,119 @@
+"""Evidence for lrfind.py's default rule (README, "LR range test"): on several real data sets and batch sizes, sweep
+with lrfind.py, then train short One Cycle runs at every rule's LR (and a few multiples), and record the accuracy.
+
+    python bench/lrfind_compare.py            # all configurations, appends to bench/results/lrfind_compare.jsonl
+    python bench/lrfind_compare.py --only c10-1800
+
+Needs the data sets README's "Results" section names (links made by bench/make_subsets.py). Resumable: a configuration
+or run already in the results file is skipped. CPU hours: about 3 on a 2-core AMD EPYC VM.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(HERE, "bench", "results", "lrfind_compare.jsonl")
+# name, lrfind data flags, trainer, epochs of the short run, batch sizes
+CONFIGS = [
+    ("c10-1800", ["--dataset", "folder", "--data-dir", "data/c10-1800"], "cifar", 3, (64, 128)),
+    ("imagenette-64", ["--dataset", "imagenet", "--data-dir", "data/imagenette-224", "--image-size", "64"], "imagenet", 2, (64,)),
+    ("c10-5k", ["--dataset", "folder", "--data-dir", "data/c10-5k"], "cifar", 2, (128,)),
+]
+
+
+def run_json(cmd):
+    print("+", " ".join(cmd), flush=True)
+    res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=HERE)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stderr[-2000:]}")
+    return json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
+
+
+def train_command(name, data_flags, trainer, epochs, bs, lr):
+    out = os.path.join("runs", "lrfind-compare", f"{name}-b{bs}-lr{lr:.4g}")
+    if trainer == "cifar":
+        return ["cifar.py", *data_flags, "--epochs", str(epochs), "--batch-size", str(bs), "--lr", f"{lr:.4g}",
+                "--out", out, "--json", "--resume", "auto"]
+    size = data_flags[data_flags.index("--image-size") + 1]
+    return ["imagenet_ddp.py", "--data", data_flags[data_flags.index("--data-dir") + 1], "--arch", "resnet18",
+            "--image-size", size, "--epochs", str(epochs), "--batch-size", str(bs), "--lr", f"{lr * 256 / bs:.4g}",
+            "--schedule", "onecycle", "--workers", "2", "--out", out, "--json", "--resume", "auto"]
+
+
+def rules_of(name, bs):
+    """Every rule's LR, recomputed from the sweep's CSV with the current lrfind.suggestions()."""
+    sys.path.insert(0, HERE)
+    import lrfind
+    with open(os.path.join(HERE, "runs", "lrfind-compare", f"sweep-{name}-b{bs}", "lrfind.csv")) as f:
+        rows = list(csv.reader(f))[1:]
+    return lrfind.suggestions([(float(r[0]), float(r[1])) for r in rows], lrfind.get_args([]).smooth)
+
+
+def lrs_to_try(sug):
+    """Every rule's LR and 10x the edge (10x of the default), distinct within 10%."""
+    wanted = [sug[k] for k in ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")]
+    wanted.append(10 * sug["edge"])
+    out = []
+    for lr in sorted(wanted):
+        if not out or lr > out[-1] * 1.1:
+            out.append(lr)
+    return out
+
+
+def table(done):
+    """README's tables: per configuration, each rule's LR and the short run's top-1 there (the run within 10% of it)."""
+    rules = ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")
+    print("| data set, batch | best LR tried (top-1) | " + " | ".join(rules) + " | 10 x edge |")
+    print("| --- " * (len(rules) + 3) + "|")
+    for name, _, _, epochs, batch_sizes in CONFIGS:
+        for bs in batch_sizes:
+            runs = [r for r in done if r["kind"] == "train" and r["data"] == name and r["batch_size"] == bs]
+            if not runs:
+                continue
+            sug = rules_of(name, bs)
+            at = lambda lr: next((f"{r['val_top1']:.1f}" for r in runs if abs(r["lr"] / lr - 1) < 0.1), "not run")
+            best = max(runs, key=lambda r: r["val_top1"])
+            cells = [f"{sug[k]:.2g}: {at(sug[k])}" for k in rules] + [f"{10 * sug['edge']:.2g}: {at(10 * sug['edge'])}"]
+            print(f"| {name}, {bs} ({epochs} epochs) | {best['lr']:.2g} ({best['val_top1']:.1f}) | " + " | ".join(cells) + " |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", default=None)
+    p.add_argument("--table", action="store_true", help="print README's table from the results and exit")
+    args = p.parse_args()
+    done = []
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            done = [json.loads(l) for l in f if l.strip()]
+    if args.table:
+        return table(done)
+    for name, data_flags, trainer, epochs, batch_sizes in CONFIGS:
+        if args.only and args.only != name:
+            continue
+        for bs in batch_sizes:
+            sweep = next((r for r in done if r["kind"] == "sweep" and r["data"] == name and r["batch_size"] == bs), None)
+            if sweep is None:
+                sug = run_json(["lrfind.py", *data_flags, "--batch-size", str(bs), "--workers", "2", "--json",
+                                "--out", os.path.join("runs", "lrfind-compare", f"sweep-{name}-b{bs}")])
+                sweep = dict(kind="sweep", data=name, batch_size=bs, **sug)
+                with open(RESULTS, "a") as f:
+                    f.write(json.dumps(sweep) + "\n")
+            for lr in lrs_to_try(rules_of(name, bs)):
+                if any(r["kind"] == "train" and r["data"] == name and r["batch_size"] == bs and abs(r["lr"] / lr - 1) < 0.1
+                       for r in done):  # (a run within 10% of this LR already tells its accuracy)
+                    continue
+                cmd = train_command(name, data_flags, trainer, epochs, bs, lr)
+                res = run_json(cmd)
+                row = dict(kind="train", data=name, batch_size=bs, lr=lr, epochs=epochs, val_top1=res["val_top1"],
+                           val_loss=res["val_loss"], command="python " + " ".join(cmd))
+                with open(RESULTS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done.append(row)
+
+
+if __name__ == "__main__":
+    main()
