@@ -30,11 +30,13 @@ Exactness, by construction:
 - Validation gives each image to exactly one rank (no padding, unlike DistributedSampler) and sums counts.
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -287,6 +289,15 @@ def worker_init(worker_id):
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@atexit.register  # (after torch's import: atexit runs this before multiprocessing's own handler)
+def kill_workers_left_at_exit():
+    """Workers ignore SIGTERM, so multiprocessing's exit handler (terminate(), then join()) would wait forever for
+    any an error left running: kill them first."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
 
 
 class Metrics:

@@ -40,6 +40,9 @@ CIFAR = {  # the official python-version archives, as cifar.py reads them
 }
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 RULES = ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")
+# a third of the edge: best or within noise of best in README's comparison (bench/lrfind_compare.py), one step back from
+# where the loss starts to climb
+DEFAULT_RULE = "edge_div3"
 
 
 class UserError(Exception):
@@ -83,7 +86,7 @@ def build_parser():
     g.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     g.add_argument("--smooth", type=int, default=0, help="moving-average window of the loss in steps; 0 = 5%% of --num-iter (>= 3)")
     g.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
-    g.add_argument("--suggest", default="edge", choices=RULES,
+    g.add_argument("--suggest", default=DEFAULT_RULE, choices=RULES,
                    help="the rule whose LR is printed when --verify is off (README: the measured comparison)")
     g.add_argument("--verify", type=int, default=0, metavar="N",
                    help="train N steps of One Cycle from each candidate LR (same init, same batches) and suggest the one "
