@@ -704,10 +704,12 @@ def test_cifar_precision_and_memory_format_are_used(amp, channels_last, dtype):
     run = cifar.build_run(args, 10, 100)
     seen = {}
     run.model.layer1.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype, cl=o.is_contiguous(memory_format=torch.channels_last)))
-    x = M.normalize(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), (0.5,) * 3, (0.25,) * 3, channels_last)
+    # (an NCHW batch: the activations turn channels_last only if the weights are)
+    x = M.normalize(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), (0.5,) * 3, (0.25,) * 3, False)
     y = torch.tensor([0, 1, 2, 3])
     loss, logits = cifar.train_step(run, x, y, 1.0)
     assert seen["dtype"] == dtype and seen["cl"] == channels_last
+    assert run.model.conv1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     # --label-smoothing is in the loss: the returned loss is the smoothed cross-entropy of the logits
     assert loss.item() == pytest.approx(nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-5)
     assert run.sched.last_epoch == 1  # One Cycle stepped once
@@ -1899,7 +1901,7 @@ def test_lrfind_script_outputs_and_leaves_checkpoint_alone(tmp_path, capsys, mon
 
 def test_lrfind_verify_end_to_end(tmp_path, capsys):
     data = write_tiny_cifar(tmp_path / "d", n_train=64, n_test=32)
-    assert lrfind.main(["--dataset", "cifar10", "--data-dir", str(data), "--batch-size", "16", "--num-iter", "20",
+    assert lrfind.main(["--dataset", "cifar10", "--data-dir", str(data), "--batch-size", "8", "--num-iter", "20",
                         "--start-lr", "1e-4", "--end-lr", "100", "--verify", "10", "--json", "--out", str(tmp_path / "o")]) == 0
     text = capsys.readouterr().out
     res = json.loads(text.strip().splitlines()[-1])
@@ -2022,7 +2024,7 @@ def shrink(tokens, port):
         i += 1
     if "--serve" not in out and "--evaluate" not in out and "--help" not in out:
         out += [x for k, v in ADD[script].items() if k not in out for x in (k, v)]
-    if "--nnodes=2" in out:
+    if "--nnodes=2" in out:  # (2 nodes x 1 process: the global batch of one node's 2, so either run resumes the other)
         out[out.index("--nproc_per_node=2")] = "--nproc_per_node=1"
     return script, out
 

@@ -86,39 +86,65 @@ def table(done):
             print(f"| {name}, {bs}, {epochs} epochs | " + " | ".join(cells) + " |")
 
 
+def figure():
+    sys.path.insert(0, HERE)
+    import lrfind
+    sweep = os.path.join(HERE, "runs", "lrfind-compare", "sweep-c10-1800-b64")
+    with open(os.path.join(sweep, "lrfind.csv")) as f:
+        records = [(float(r[0]), float(r[1])) for r in list(csv.reader(f))[1:]]
+    with open(os.path.join(sweep, "lrfind.json")) as f:
+        result = json.load(f)
+    smooth = lrfind.get_args([]).smooth
+    result.update(lrfind.suggestions(records, smooth), suggested_lr=None, suggested_by=lrfind.DEFAULT_RULE)
+    result["suggested_lr"] = result[lrfind.DEFAULT_RULE]
+    out = os.path.join(HERE, "runs", "lrfind-compare", "figure")
+    lrfind.write_outputs(out, records, result, smooth)
+    os.replace(os.path.join(out, "lrfind.png"), os.path.join(HERE, "bench", "figures", "lrfind.png"))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--only", default=None)
     p.add_argument("--table", action="store_true", help="print README's table from the results and exit")
+    p.add_argument("--figure", action="store_true",
+                   help="redraw README's bench/figures/lrfind.png from the c10-1800 batch-64 sweep (lrfind.py's own plot)")
     args = p.parse_args()
+    if args.figure:
+        return figure()
     done = []
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
             done = [json.loads(l) for l in f if l.strip()]
     if args.table:
         return table(done)
-    for name, data_flags, trainer, epochs, batch_sizes in CONFIGS:
-        if args.only and args.only != name:
-            continue
-        for bs in batch_sizes:
-            sweep = next((r for r in done if r["kind"] == "sweep" and r["data"] == name and r["batch_size"] == bs), None)
-            if sweep is None:
-                sug = run_json(["lrfind.py", *data_flags, "--batch-size", str(bs), "--workers", "2", "--json",
-                                "--out", os.path.join("runs", "lrfind-compare", f"sweep-{name}-b{bs}")])
-                sweep = dict(kind="sweep", data=name, batch_size=bs, **sug)
-                with open(RESULTS, "a") as f:
-                    f.write(json.dumps(sweep) + "\n")
-            for lr in lrs_to_try(rules_of(name, bs)):
-                if any(r["kind"] == "train" and r["data"] == name and r["batch_size"] == bs and abs(r["lr"] / lr - 1) < 0.1
-                       for r in done):  # (a run within 10% of this LR already tells its accuracy)
-                    continue
-                cmd = train_command(name, data_flags, trainer, epochs, bs, lr)
-                res = run_json(cmd)
-                row = dict(kind="train", data=name, batch_size=bs, lr=lr, epochs=epochs, val_top1=res["val_top1"],
-                           val_loss=res["val_loss"], command="python " + " ".join(cmd))
-                with open(RESULTS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                done.append(row)
+    # first the default rule's three LRs on every configuration (the done criterion), then the other rules' LRs
+    for first, rest in ((0, 3), (3, None)):
+        for name, data_flags, trainer, epochs, batch_sizes in CONFIGS:
+            if not args.only or args.only == name:
+                run_configuration(done, name, data_flags, trainer, epochs, batch_sizes, slice(first, rest))
+
+
+def run_configuration(done, name, data_flags, trainer, epochs, batch_sizes, which):
+    """One data set's sweeps (run once) and the short runs at the LRs `which` picks from lrs_to_try()."""
+    for bs in batch_sizes:
+        sweep = next((r for r in done if r["kind"] == "sweep" and r["data"] == name and r["batch_size"] == bs), None)
+        if sweep is None:
+            sug = run_json(["lrfind.py", *data_flags, "--batch-size", str(bs), "--workers", "2", "--json",
+                            "--out", os.path.join("runs", "lrfind-compare", f"sweep-{name}-b{bs}")])
+            sweep = dict(kind="sweep", data=name, batch_size=bs, **sug)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(sweep) + "\n")
+        for lr in lrs_to_try(rules_of(name, bs))[which]:
+            if any(r["kind"] == "train" and r["data"] == name and r["batch_size"] == bs and abs(r["lr"] / lr - 1) < 0.1
+                   for r in done):  # (a run within 10% of this LR already tells its accuracy)
+                continue
+            cmd = train_command(name, data_flags, trainer, epochs, bs, lr)
+            res = run_json(cmd)
+            row = dict(kind="train", data=name, batch_size=bs, lr=lr, epochs=epochs, val_top1=res["val_top1"],
+                       val_loss=res["val_loss"], command="python " + " ".join(cmd))
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            done.append(row)
 
 
 if __name__ == "__main__":
