@@ -791,44 +791,40 @@ def _compare_runs(ref, out):
         assert_state_equal(a[key], b[key])
 
 
-def test_cifar_signal_mid_epoch_then_resume_is_bit_identical(cifar_reference, tmp_path, children, sig=signal.SIGTERM):
+def test_cifar_signals_mid_epoch_and_at_epoch_end_then_resume_is_bit_identical(cifar_reference, tmp_path, children):
+    """SIGTERM to the process group at a random step of epoch 1; the resumed run then gets SIGUSR1 (SLURM's
+    --signal=USR1@N warning, handled as SIGTERM is) during epoch 1's validation; the second resume ends bit-identical
+    to the uninterrupted run."""
     root, data = cifar_reference
     out = tmp_path / "int"
+    cmd = [sys.executable, os.path.join(HERE, "cifar.py"), *CIFAR_RESUME, "--data-dir", str(data), "--out", str(out)]
     step = random.randint(2, 6)
-    c = children([sys.executable, os.path.join(HERE, "cifar.py"), *CIFAR_RESUME, "--data-dir", str(data), "--out", str(out)])
+    c = children(cmd)
     c.wait_for(f"epoch 1/2 step {step}/8")
-    c.signal_group(sig)
+    c.signal_group(signal.SIGTERM)
     rc, text = c.finish()
-    assert rc == 128 + sig, text
+    assert rc == 128 + signal.SIGTERM, text
     m = re.search(r"stopped by (\w+) at epoch 1 step (\d+); saved", text)
-    assert m and m.group(1) == signal.Signals(sig).name and "Traceback" not in text, text
-    assert f"exit code {128 + sig}" in text and "--resume auto" in text
+    assert m and m.group(1) == "SIGTERM" and "Traceback" not in text, text
+    assert f"exit code {128 + signal.SIGTERM}" in text and "--resume auto" in text
     mid = M.load_checkpoint(out / "last.pt")
     assert mid["epoch"] == 0 and mid["step"] == int(m.group(2)) and step <= mid["step"] < 8
-    res = run_script("cifar.py", *CIFAR_RESUME, "--data-dir", data, "--out", out, "--resume", "auto")
-    assert res.returncode == 0, res.stderr
-    assert f"resumed from {out / 'last.pt'} at epoch 1 step {mid['step']}" in res.stdout
-    _compare_runs(root / "ref", out)
-    ra, rb = read_jsonl(root / "ref" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
-    assert [r["epoch"] for r in rb] == [1, 2]
-    for x, y in zip(ra, rb):
-        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-9) and x["val_top1"] == y["val_top1"]
-        assert x["train_top1"] == y["train_top1"]
-
-
-def test_cifar_signal_at_epoch_end_stops_after_the_epoch(cifar_reference, tmp_path, children):
-    """SIGUSR1 (SLURM's --signal=USR1@N warning) handled as SIGTERM is, here landing during validation."""
-    root, data = cifar_reference
-    out = tmp_path / "edge"
-    c = children([sys.executable, os.path.join(HERE, "cifar.py"), *CIFAR_RESUME, "--data-dir", str(data), "--out", str(out)])
+    c = children(cmd + ["--resume", "auto"])
+    c.wait_for(re.escape(f"resumed from {out / 'last.pt'} at epoch 1 step {mid['step']}"))
     c.wait_for("epoch 1/2 step 8/8")  # the last step: the signal lands during validation
     c.signal_group(signal.SIGUSR1)
     rc, text = c.finish()
     assert rc == 128 + signal.SIGUSR1 and "stopped by SIGUSR1 after epoch 1; saved" in text, text
     ck = M.load_checkpoint(out / "last.pt")
     assert ck["epoch"] == 1 and ck["step"] == 0 and len(read_jsonl(out / "metrics.jsonl")) == 1
-    assert run_script("cifar.py", *CIFAR_RESUME, "--data-dir", data, "--out", out, "--resume", "auto").returncode == 0
+    res = run_script("cifar.py", *CIFAR_RESUME, "--data-dir", data, "--out", out, "--resume", "auto")
+    assert res.returncode == 0, res.stderr
     _compare_runs(root / "ref", out)
+    ra, rb = read_jsonl(root / "ref" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == [1, 2]
+    for x, y in zip(ra, rb):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-9) and x["val_top1"] == y["val_top1"]
+        assert x["train_top1"] == y["train_top1"]
 
 
 def _cifar_error(capsys, *argv):
@@ -1028,12 +1024,24 @@ def _interrupted_ddp(inet_data, out, sig, children, nproc=2, extra=()):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_ddp_group_signal_with_workers_then_resume_is_bit_identical(ddp_reference, inet_data, tmp_path, children, sig):
+    """After SIGINT, the resumed run is stopped again, by SIGTERM during epoch 1's validation (the "after the epoch"
+    path), and resumed to the end: still bit-identical."""
     ref_out, _ = ddp_reference
     out = tmp_path / "run"
     stopped, _ = _interrupted_ddp(inet_data, out, sig, children)
+    resumed = re.escape(f"resumed from {out / 'last.pt'} at epoch 1 step {stopped}")
+    if sig == signal.SIGINT:
+        c = children(torchrun_cmd(2, "--data", inet_data, "--out", out, *DDP_COMMON, "--resume", "auto"))
+        c.wait_for(resumed)
+        c.wait_for("epoch 1/2 step 12/12")  # the last step: the signal lands during validation
+        c.signal_group(signal.SIGTERM)
+        rc, text = c.finish()
+        assert rc != 0 and "stopped by SIGTERM after epoch 1; saved" in text, text[-3000:]
+        ck = M.load_checkpoint(out / "last.pt")
+        assert ck["epoch"] == 1 and ck["step"] == 0
     res = torchrun(2, "--data", inet_data, "--out", out, *DDP_COMMON, "--resume", "auto")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"resumed from {out / 'last.pt'} at epoch 1 step {stopped}" in res.stdout
+    assert sig == signal.SIGINT or re.search(resumed, res.stdout)
     a, b = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(out / "last.pt")
     for key in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "ema_updates"):
         assert_state_equal(a[key], b[key])
@@ -1354,21 +1362,6 @@ def test_gpu_decode_path_draws_the_same_and_falls_back(tmp_path):
     bad = [(torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 garbage"), dtype=torch.uint8), *items[0][1:])] + items[1:]
     y = imagenet_ddp.gpu_augment(imagenet_ddp.collate_jpeg(bad), gpu_set, 1, torch.device("cpu"))
     assert torch.equal(y[0], cpu_set.cpu_pixels(1, 0)) and torch.equal(y[1:], x[1:])
-
-
-def test_ddp_signal_at_epoch_end_stops_after_the_epoch(ddp_reference, inet_data, tmp_path, children):
-    ref_out, _ = ddp_reference
-    out = tmp_path / "edge"
-    c = children(torchrun_cmd(2, "--data", inet_data, "--out", out, *DDP_COMMON))
-    c.wait_for("epoch 1/2 step 12/12")  # the last step: the signal lands during validation
-    c.signal_group(signal.SIGTERM)
-    rc, text = c.finish()
-    assert rc != 0 and "stopped by SIGTERM after epoch 1; saved" in text, text[-3000:]
-    ck = M.load_checkpoint(out / "last.pt")
-    assert ck["epoch"] == 1 and ck["step"] == 0
-    res = torchrun(2, "--data", inet_data, "--out", out, *DDP_COMMON, "--resume", "auto")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert_state_equal(M.load_checkpoint(ref_out / "last.pt")["model"], M.load_checkpoint(out / "last.pt")["model"])
 
 
 SYNSETS = ("n01440764", "n02102040", "n02979186")  # tench, English springer, cassette player
