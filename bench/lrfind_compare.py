@@ -95,8 +95,8 @@ def figure():
     with open(os.path.join(sweep, "lrfind.json")) as f:
         result = json.load(f)
     smooth = lrfind.get_args([]).smooth
-    result.update(lrfind.suggestions(records, smooth), suggested_lr=None, suggested_by=lrfind.DEFAULT_RULE)
-    result["suggested_lr"] = result[lrfind.DEFAULT_RULE]
+    sug = lrfind.suggestions(records, smooth)
+    result.update(sug, suggested_lr=sug[lrfind.DEFAULT_RULE], suggested_by=lrfind.DEFAULT_RULE)
     out = os.path.join(HERE, "runs", "lrfind-compare", "figure")
     lrfind.write_outputs(out, records, result, smooth)
     os.replace(os.path.join(out, "lrfind.png"), os.path.join(HERE, "bench", "figures", "lrfind.png"))
