@@ -101,6 +101,33 @@ def child_env(**extra):
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
+def descendants(pid):
+    """Every live process below pid, read from /proc (children first found, then theirs)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            pass
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        found += frontier
+    return found
+
+
+def kill_tree(pid):
+    """SIGKILL pid's process group and every descendant's: torchrun starts each rank in a session of its own, so
+    killing torchrun's group alone would leave the ranks (and their loader workers) running, holding our pipes."""
+    for p in [pid] + descendants(pid):
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def run_group(cmd, timeout=600, cwd=HERE, env=None, **kw):
     """subprocess.run in a process group of its own, killed whole at the end: a timed-out torchrun must not leave
     its ranks and their loader workers behind (they would outlive the test, and the suite)."""
@@ -109,14 +136,11 @@ def run_group(cmd, timeout=600, cwd=HERE, env=None, **kw):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        kill_tree(proc.pid)
+        out, err = proc.communicate(timeout=60)
         raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}\n{out[-3000:]}\n{err[-3000:]}") from None
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -172,12 +196,30 @@ class Child:
         os.killpg(self.proc.pid, sig)
 
     def kill(self):
-        """The whole group, even after the leader has exited (a rank or a loader worker may be left)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """The whole group and every descendant's, even after the leader has exited (a rank or a loader worker may
+        be left)."""
+        kill_tree(self.proc.pid)
         self.proc.wait()
+
+
+TEST_LIMIT_S = int(os.environ.get("TEST_LIMIT_S", 900))
+
+
+def _over_time(signum, frame):
+    raise TimeoutError(f"over {TEST_LIMIT_S} s in one test (its module fixtures included): a hang, not a slow test")
+
+
+@pytest.fixture(autouse=True)
+def time_limit():
+    """A hang fails its test instead of eating CI's 90 minutes. The alarm is re-armed when a test starts and again
+    when it ends, so the next test's module fixtures (a torchrun reference run) run under it too."""
+    signal.alarm(TEST_LIMIT_S)
+    yield
+    signal.alarm(TEST_LIMIT_S)
+
+
+signal.signal(signal.SIGALRM, _over_time)
+signal.alarm(TEST_LIMIT_S)
 
 
 @pytest.fixture
@@ -1466,6 +1508,26 @@ def test_loader_workers_ignore_stop_signals(method, tmp_path):
         assert len(rest) + 2 == sampler.steps and first[0][0].shape == (2, 3, 16, 16)
     finally:
         it._shutdown_workers()  # (a failure must not leave workers that ignore SIGTERM behind)
+
+
+def test_loaders_under_a_process_group_start_workers_from_a_forkserver(tmp_path):
+    """A rank must not fork() its loader workers: the collectives' threads can hold Python's thread-state lock at that
+    moment, and the child then hangs for ever (CPython gh-112275; it hung this suite's DDP tests). Under a process
+    group the workers come from a forkserver; a single process keeps fork."""
+    write_image_folder(tmp_path / "d", per_class=(4, 1), size=24)
+    _, train, _ = imagenet_ddp.check_data(str(tmp_path / "d"))
+    ds = imagenet_ddp.TrainSet(train, imagenet_ddp.get_args(["--image-size", "16"]))
+    sampler = imagenet_ddp.EpochBatches(len(train), 2, 1, 0, 1, 0)
+    assert imagenet_ddp.make_loader(ds, 2, torch.device("cpu"), batch_sampler=sampler).multiprocessing_context is None
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        loader = imagenet_ddp.make_loader(ds, 1, torch.device("cpu"), batch_sampler=sampler)
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+        with imagenet_ddp.stop_signals_blocked():
+            batches = list(loader)
+        assert len(batches) == sampler.steps and batches[0][0].shape == (2, 3, 16, 16)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_a_loader_left_running_does_not_hang_the_exit(tmp_path):
