@@ -690,13 +690,13 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def worker_start_method():
-    """forkserver under a process group, fork otherwise. The collectives' threads (gloo's run loop, NCCL's watchdog)
-    take Python's thread-state lock when they drop the last reference to a tensor, so a rank that forks a worker at
-    that moment gives the child a lock nobody will release: before Python 3.12 the child hangs in os.fork() for ever
-    (CPython gh-112275; this suite's DDP tests hung there about once per 100 worker starts). forkserver forks the
-    workers from a single-threaded server instead (Python 3.14's default on Linux); the price is pickling the data
-    set's file list to each worker (0.5 s per worker for ImageNet's 1.28M files on a 2-core AMD EPYC). The server
-    imports torch once, so a worker starts in milliseconds (Python 3.11's own preload of __main__ never happens)."""
+    """forkserver under a process group, fork otherwise. The process group's threads (gloo's run loop) take Python's
+    thread-state lock, so a rank that forks a worker while one holds it gives the child a lock nobody will release:
+    before Python 3.12 the child hangs in os.fork() for ever (CPython gh-112275; 2-process CPU runs hung there after
+    210-250 worker starts). forkserver forks the workers from a single-threaded server instead (Python 3.14's
+    default on Linux). The price is pickling the file list to each worker (0.5 s per worker for ImageNet's 1.28M
+    files on a 2-core AMD EPYC). The server imports torch once (Python 3.11's own preload of __main__ never
+    happens), so later workers start as fast as forked ones."""
     if not dist.is_initialized():
         return None
     multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])

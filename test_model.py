@@ -32,6 +32,8 @@ import torch.nn as nn
 import model as M
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.__stdin__ is None:  # run with standard input closed (some CI runners): pytest's capture and IPython (which
+    sys.__stdin__ = open(os.devnull)  # gradio imports) read sys.__stdin__'s encoding, so give it an empty one
 SCRIPTS = ("cifar.py", "imagenet_ddp.py", "lrfind.py", "predict.py")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -1301,8 +1303,11 @@ def test_ddp_precision_memory_format_label_smoothing_are_used(amp, channels_last
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=amp != "off"):
         logits = before(M.normalize(batch[0], M.IMAGENET_MEAN, M.IMAGENET_STD, channels_last)).float()
     smoothed = nn.functional.cross_entropy(logits, batch[1], label_smoothing=0.2).item()
-    assert sums.state()["seen"] == 4 and sums.local_loss.item() / 4 == pytest.approx(smoothed, rel=1e-3)
-    assert smoothed != pytest.approx(nn.functional.cross_entropy(logits, batch[1]).item(), rel=1e-3)
+    recorded, plain = sums.local_loss.item() / 4, nn.functional.cross_entropy(logits, batch[1]).item()
+    assert sums.state()["seen"] == 4 and recorded == pytest.approx(smoothed, rel=1e-3)
+    # the recorded loss is the smoothed one, not the plain one (a new network's near-uniform logits put the two
+    # within 1e-3 of each other in bf16, so the test compares distances)
+    assert abs(recorded - smoothed) < 0.1 * abs(plain - smoothed)
 
 
 def test_ddp_mixing_and_workers_flags(inet_data):
@@ -1601,7 +1606,9 @@ def cifar_run(tmp_path_factory):
 
 def test_predict_agrees_with_the_checkpoint_and_its_val_top1(cifar_run):
     root, data = cifar_run
-    res = run_script("predict.py", data / "test", "--checkpoint", root / "run" / "best.pt", "--json", "--batch-size", "7")
+    # (--amp off: the reference below runs in fp32; auto picks bf16 on CPUs with native bf16)
+    res = run_script("predict.py", data / "test", "--checkpoint", root / "run" / "best.pt", "--json", "--batch-size", "7",
+                     "--amp", "off")
     assert res.returncode == 0, res.stderr
     rows = [json.loads(l) for l in res.stdout.splitlines()]
     assert len(rows) == 30 and all(len(r["top"]) == 3 for r in rows)  # top-5 capped at the 3 classes
