@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import sys
@@ -699,8 +700,23 @@ def worker_start_method():
     happens), so later workers start as fast as forked ones."""
     if not dist.is_initialized():
         return None
-    multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
+    global _forkserver_started
+    if not _forkserver_started:
+        # The server and its resource tracker live in the rank's process group, which launchers signal as a whole:
+        # started with the stop signals ignored (exec keeps an ignored disposition), they outlive a stop, as the
+        # workers do. This runs before the training loop's StopFlag, when a stop signal would still kill the rank.
+        multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        _forkserver_started = True
     return "forkserver"
+
+
+_forkserver_started = False
 
 
 def make_loader(dataset, workers, device, batch_sampler=None, batch_size=1, context=None):

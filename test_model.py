@@ -1516,23 +1516,40 @@ def test_loader_workers_ignore_stop_signals(method, tmp_path):
 
 
 def test_loaders_under_a_process_group_start_workers_from_a_forkserver(tmp_path):
-    """A rank must not fork() its loader workers: the collectives' threads can hold Python's thread-state lock at that
-    moment, and the child then hangs for ever (CPython gh-112275; it hung this suite's DDP tests). Under a process
-    group the workers come from a forkserver; a single process keeps fork."""
+    """A rank must not fork() its loader workers: the process group's threads can hold Python's thread-state lock at
+    that moment, and the child then hangs for ever (CPython gh-112275; it hung this suite's DDP tests). Under a
+    process group the workers come from a forkserver, which must outlive a launcher's signal to the process group
+    (the workers it forks exit when it dies). A single process keeps fork. (In a fresh interpreter, as a rank is:
+    the forkserver is one per process, and another test may have started it.)"""
     write_image_folder(tmp_path / "d", per_class=(4, 1), size=24)
-    _, train, _ = imagenet_ddp.check_data(str(tmp_path / "d"))
-    ds = imagenet_ddp.TrainSet(train, imagenet_ddp.get_args(["--image-size", "16"]))
-    sampler = imagenet_ddp.EpochBatches(len(train), 2, 1, 0, 1, 0)
-    assert imagenet_ddp.make_loader(ds, 2, torch.device("cpu"), batch_sampler=sampler).multiprocessing_context is None
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        loader = imagenet_ddp.make_loader(ds, 1, torch.device("cpu"), batch_sampler=sampler)
-        assert loader.multiprocessing_context.get_start_method() == "forkserver"
-        with imagenet_ddp.stop_signals_blocked():
-            batches = list(loader)
-        assert len(batches) == sampler.steps and batches[0][0].shape == (2, 3, 16, 16)
-    finally:
-        torch.distributed.destroy_process_group()
+    code = f"""if __name__ == "__main__":
+    import os, signal, sys, time, torch
+    sys.path.insert(0, {HERE!r})
+    import imagenet_ddp as I
+    _, train, _ = I.check_data({str(tmp_path / "d")!r})
+    ds = I.TrainSet(train, I.get_args(["--image-size", "16"]))
+    sampler = I.EpochBatches(len(train), 2, 1, 0, 1, 0)
+    assert I.make_loader(ds, 2, torch.device("cpu"), batch_sampler=sampler).multiprocessing_context is None
+    torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    loader = I.make_loader(ds, 1, torch.device("cpu"), batch_sampler=sampler)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    servers = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.getpid() == int(open(f"/proc/{{p}}/stat").read()
+               .rsplit(")", 1)[1].split()[1]) and b"forkserver import main" in open(f"/proc/{{p}}/cmdline", "rb").read()]
+    assert len(servers) == 1, servers
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        os.kill(servers[0], sig)
+    time.sleep(0.5)
+    with open(f"/proc/{{servers[0]}}/stat") as f:
+        assert f.read().rsplit(")", 1)[1].split()[0] != "Z", "the forkserver died of a stop signal"
+    with I.stop_signals_blocked():
+        batches = list(loader)
+    assert len(batches) == sampler.steps and batches[0][0].shape == (2, 3, 16, 16)
+    torch.distributed.destroy_process_group()
+    print("ok", flush=True)
+"""
+    (tmp_path / "rank.py").write_text(code)
+    res = run_group([sys.executable, str(tmp_path / "rank.py")], timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
 
 
 def test_a_loader_left_running_does_not_hang_the_exit(tmp_path):
