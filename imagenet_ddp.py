@@ -690,6 +690,9 @@ class EpochBatches(torch.utils.data.Sampler):
                 yield [(self.epoch, int(i)) for i in g[lo:lo + self.batch]]
 
 
+_forkserver_started = False
+
+
 def worker_start_method():
     """forkserver under a process group, fork otherwise. The process group's threads (gloo's run loop) take Python's
     thread-state lock, so a rank that forks a worker while one holds it gives the child a lock nobody will release:
@@ -716,13 +719,10 @@ def worker_start_method():
     return "forkserver"
 
 
-_forkserver_started = False
-
-
 def make_loader(dataset, workers, device, batch_sampler=None, batch_size=1, context=None):
     """Workers start per iterator (not persistent), so every epoch's end shuts them down cleanly."""
     jpeg = isinstance(dataset, TrainSet) and dataset.decode == "gpu"
-    context = context or worker_start_method()
+    context = context or (worker_start_method() if workers > 0 else None)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, batch_sampler=batch_sampler,
         num_workers=workers, worker_init_fn=worker_init, pin_memory=device.type == "cuda" and not jpeg,
