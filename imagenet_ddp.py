@@ -89,6 +89,9 @@ def build_parser():
     g.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop smallest area fraction")
     g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"],
                    help="gpu: workers only read bytes and draw the augmentation; nvjpeg decodes, the GPU crops and jitters")
+    g.add_argument("--augment-on", default="auto", choices=["auto", "workers", "device"],
+                   help="where flip and colour jitter run (the same pixels either way); auto = the device on a GPU, "
+                        "so the workers only decode, crop and resize")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=list(M.ARCHS), help="network (ImageNet stem)")
     g.add_argument("--zero-init-residual", action="store_true", help="start every block as the identity (Goyal et al. 2017)")
@@ -524,11 +527,13 @@ class Draws:
 class TrainSet(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs, so each image's augmentation is a function of (seed, epoch, index), and its
     size a function of the epoch. decode="cpu": PIL decodes (reduced-size JPEG decoding when the crop allows it),
-    crops, resizes and jitters in the worker, which returns uint8 pixels. decode="gpu": the worker reads the
-    JPEG's bytes and header and draws the augmentation; gpu_augment() does the rest on the device."""
+    crops and resizes in the worker; flip and colour jitter run there too (augment_on="workers"), or on the device
+    (augment_on="device": the worker returns its draws beside the pixels, and flip_jitter() applies them, bit for bit
+    as PIL would). decode="gpu": the worker reads the JPEG's bytes and header and draws the augmentation;
+    gpu_augment() does the rest on the device."""
 
-    def __init__(self, samples, args, decode="cpu"):
-        self.samples, self.args, self.decode = samples, args, decode
+    def __init__(self, samples, args, decode="cpu", augment_on="workers"):
+        self.samples, self.args, self.decode, self.augment_on = samples, args, decode, augment_on
 
     def __len__(self):
         return len(self.samples)
@@ -545,10 +550,14 @@ class TrainSet(torch.utils.data.Dataset):
         epoch, index = item
         if self.decode == "gpu":
             return self.jpeg_item(epoch, index)
+        if self.augment_on == "device":
+            im, d = self.cropped(epoch, index)
+            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), self.samples[index][1]
         return self.cpu_pixels(epoch, index), self.samples[index][1]
 
-    def cpu_pixels(self, epoch, index):
-        from PIL import Image, ImageEnhance
+    def cropped(self, epoch, index):
+        """The worker's share: decode, crop and resize to the epoch's size. Returns the PIL image and its draws."""
+        from PIL import Image
         path, size = self.samples[index][0], train_size_at(self.args, epoch)
         d = []
 
@@ -562,18 +571,23 @@ class TrainSet(torch.utils.data.Dataset):
         d = d[0] if d else self.draw(epoch, index, W, H)  # not a JPEG: smallest_size() was not called
         x0, y0, w, h = d.box
         sx, sy = im.size[0] / W, im.size[1] / H
-        im = im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
+        return im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)), d
+
+    def cpu_pixels(self, epoch, index):
+        """uint8 [3, size, size]: the crop, flipped and colour-jittered in the worker (PIL)."""
+        from PIL import Image, ImageEnhance
+        im, d = self.cropped(epoch, index)
         if d.flip:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         if d.factors is not None:  # ColorJitter: brightness, contrast, saturation in a random order, as torchvision
             enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
             for i in d.order:
                 im = enhancers[i](im).enhance(float(d.factors[i]))
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+        return pil_to_chw(im)
 
     def jpeg_item(self, epoch, index):
         """(payload, draws row, label): payload = the file's bytes for nvjpeg, or, for what nvjpeg cannot decode
-        (PNG, CMYK JPEG, ...), the pixels from the CPU path."""
+        (PNG, CMYK JPEG, ...), the crop from the CPU path (flip and jitter still to come, on the device)."""
         from PIL import Image
         path, label = self.samples[index]
         try:
@@ -582,10 +596,25 @@ class TrainSet(torch.utils.data.Dataset):
         except Exception as e:
             raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None
         if fmt != "JPEG" or mode not in ("RGB", "L"):
-            return self.cpu_pixels(epoch, index), torch.tensor([float(index)] + [0.0] * 11), label
+            im, d = self.cropped(epoch, index)
+            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), label
         with open(path, "rb") as f:
             payload = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
         return payload, torch.tensor([float(index)] + self.draw(epoch, index, W, H).as_row()), label
+
+
+def augment_place(args, device):
+    """Where flip and colour jitter run: on a GPU they are a few elementwise kernels over the whole batch, and each
+    worker is left with decoding, cropping and resizing; on a CPU the workers keep them, in parallel with training."""
+    if args.decode == "gpu":
+        return "device"
+    if args.augment_on == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return args.augment_on
+
+
+def pil_to_chw(im):
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def collate_jpeg(items):
@@ -593,27 +622,37 @@ def collate_jpeg(items):
     return list(payloads), torch.stack(rows), torch.tensor(labels)
 
 
-def jitter(x, factors, order):
-    """torchvision/PIL ColorJitter on a float [3, H, W] image in 0..255: brightness blends with black, contrast
-    with the mean grey level, saturation with the grey image, each clamped as PIL clamps to uint8."""
-    for i in order.tolist():
-        f = float(factors[int(i)])
-        if i == 0:
-            x = x * f
-        else:
-            grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
-            x = (grey.mean() if i == 1 else grey) * (1 - f) + x * f
-        x = x.clamp(0, 255)
-    return x
+def flip_jitter(x_u8, rows, jitter_on):
+    """Flip and ColorJitter of a uint8 [B, 3, H, W] batch on its device with the workers' draws (rows: index, box,
+    flip, 3 factors, their order), bit for bit what PIL's ImageEnhance gives in the worker: each step blends with its
+    degenerate image in float32 and truncates to 0..255, as PIL's Image.blend does; brightness blends with black,
+    contrast with the rounded mean grey level, saturation with the grey image (PIL's integer luma)."""
+    flip = rows[:, 5].to(x_u8.device) > 0.5
+    x = torch.where(flip[:, None, None, None], x_u8.flip(3), x_u8)
+    if not jitter_on:
+        return x
+    x = x.float()
+    factors = rows[:, 6:9].to(device=x.device, dtype=torch.float32)[:, :, None, None, None]
+    order = rows[:, 9:12].to(x.device).long()
+    blend = lambda degenerate, f: (degenerate + f * (x - degenerate)).clamp_(0, 255).floor_()
+    for position in range(3):  # all three candidates for every image, then each image keeps its own (no host sync)
+        i = x.to(torch.int32)
+        grey = ((i[:, 0:1] * 19595 + i[:, 1:2] * 38470 + i[:, 2:3] * 7471 + 32768) >> 16).float()
+        mean = grey.double().mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_().float()
+        out = (blend(torch.zeros_like(mean), factors[:, 0]), blend(mean, factors[:, 1]), blend(grey, factors[:, 2]))
+        k = order[:, position][:, None, None, None]
+        x = torch.where(k == 0, out[0], torch.where(k == 1, out[1], out[2]))
+    return x.to(torch.uint8)
 
 
 def gpu_augment(batch, train_set, epoch, device):
-    """--decode gpu: decode the batch's JPEGs in one nvjpeg call on the device, then crop, resize, flip and
-    jitter each with the draws its worker made. What nvjpeg refuses goes through the CPU path instead."""
+    """--decode gpu: decode the batch's JPEGs in one nvjpeg call on the device, then crop and resize each to the
+    epoch's size, and flip and jitter the batch with the draws its workers made. What nvjpeg refuses went through the
+    CPU crop instead (in the worker, or here when nvjpeg fails on a file it accepted)."""
     import torchvision
     payloads, rows, _ = batch
     size = train_size_at(train_set.args, epoch)
-    out = [p.to(device) if p.dim() == 3 else None for p in payloads]  # pixels the workers made on the CPU path
+    out = [p.to(device) if p.dim() == 3 else None for p in payloads]  # crops the workers made on the CPU path
     jpeg = [i for i, p in enumerate(payloads) if p.dim() == 1]
     rgb = torchvision.io.ImageReadMode.RGB
     try:
@@ -625,23 +664,19 @@ def gpu_augment(batch, train_set, epoch, device):
                 decoded.append(torchvision.io.decode_jpeg(payloads[i], device=device, mode=rgb))
             except RuntimeError:
                 decoded.append(None)
-                out[i] = train_set.cpu_pixels(epoch, int(rows[i, 0])).to(device)
+                out[i] = pil_to_chw(train_set.cropped(epoch, int(rows[i, 0]))[0]).to(device)
     for i, img in zip(jpeg, decoded):
         if img is not None:
-            out[i] = crop_flip_jitter(img, rows[i], size, train_set.args.color_jitter > 0)
-    return torch.stack(out)
+            out[i] = crop_resize(img, rows[i], size)
+    return flip_jitter(torch.stack(out), rows, train_set.args.color_jitter > 0)
 
 
-def crop_flip_jitter(img, row, size, jitter_on):
-    """One decoded uint8 [3, H, W] image on the device -> uint8 [3, size, size], with the worker's draws
-    (row = index, x0, y0, w, h, flip, 3 factors, their order)."""
-    x0, y0, w, h, flip = (int(v) for v in row[1:6])
+def crop_resize(img, row, size):
+    """One decoded uint8 [3, H, W] image on the device -> its crop (row: index, x0, y0, w, h, ...) resized to
+    uint8 [3, size, size]."""
+    x0, y0, w, h = (int(v) for v in row[1:5])
     x = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w].float(), size=(size, size), mode="bilinear",
                       antialias=True, align_corners=False)[0]
-    if flip:
-        x = x.flip(2)
-    if jitter_on:
-        x = jitter(x, row[6:9], row[9:12].long())
     return x.clamp(0, 255).round().to(torch.uint8)
 
 
@@ -752,6 +787,8 @@ class DeviceBatches:
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             if isinstance(batch[0], list):
                 x = gpu_augment(batch, self.train_set, self.epoch, self.device)
+            elif len(batch) == 3:  # --augment-on device: crops from the workers, flipped and jittered here
+                x = flip_jitter(batch[0].to(self.device, non_blocking=True), batch[1], self.train_set.args.color_jitter > 0)
             else:
                 x = batch[0].to(self.device, non_blocking=True)
             return x, batch[-1].to(self.device, non_blocking=True)
@@ -806,14 +843,22 @@ def build_schedule(opt, args, steps_per_epoch, peak_lr):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def build_run(args, num_classes, steps_per_epoch, rank, world, device):
-    amp_dtype = pick_amp(args.amp, device)
+def build_network(args, num_classes, world, device):
+    """The unwrapped network: seeded init, memory format, and BatchNorm synchronised across processes with --sync-bn
+    (per-GPU batches of 32 or less give noisy batch statistics; SyncBatchNorm computes them over the global batch).
+    SyncBatchNorm keeps BatchNorm's parameter names, so its checkpoints load into a plain model."""
     torch.manual_seed(args.seed)
     model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_run(args, num_classes, steps_per_epoch, rank, world, device):
+    amp_dtype = pick_amp(args.amp, device)
+    model = build_network(args, num_classes, world, device)
     peak_lr = args.lr * args.batch_size * world * args.grad_accum / 256  # linear scaling rule (Goyal et al. 2017)
     opt = torch.optim.SGD(param_groups(model, args.wd), lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
     sched = build_schedule(opt, args, steps_per_epoch, peak_lr)
@@ -1202,7 +1247,7 @@ def start(args, inputs, rank, world, device):
     classes, train_samples, val_samples, resume, _ = inputs
     sampler = EpochBatches(len(train_samples), args.batch_size, world, rank, args.grad_accum, args.seed)
     run = build_run(args, len(classes), sampler.steps, rank, world, device)
-    train_set = TrainSet(train_samples, args, args.decode)
+    train_set = TrainSet(train_samples, args, args.decode, augment_place(args, device))
     loop = Loop(sampler, train_set, make_loader(train_set, args.workers, device, batch_sampler=sampler), val_samples, classes)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     log(f"data: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} classes; {world} process(es) on "
@@ -1246,7 +1291,9 @@ def fit(args, inputs, rank, world, device):
                 return 128 + (stop.signum or signal.SIGTERM)
     if start_epoch >= args.epochs and rank == 0:
         print(f"{args.out}/last.pt already finished all {args.epochs} epochs", flush=True)
-    in_sync = weights_fingerprint(run.model, device)
+    # every rank must hold the same weights and BN statistics, the EMA's included: a difference is a bug, not noise
+    nets = [run.model] + ([run.ema.module] if run.ema is not None else [])
+    in_sync = all([weights_fingerprint(net, device) for net in nets])  # (a list, not a generator: every rank runs both)
     if args.json and summary and rank == 0:
         print(json.dumps(dict(summary, world_size=world, weights_in_sync=in_sync)), flush=True)
     return 0 if in_sync else 1
@@ -1294,7 +1341,7 @@ def benchmark(args, inputs, device):
     if n < 1:
         raise UserError(f"train/ has {sampler.steps} steps of {args.batch_size}: too few to time --benchmark {args.benchmark}")
     run = build_run(args, len(classes), sampler.steps, 0, 1, device)
-    train_set = TrainSet(train_samples, args, args.decode)
+    train_set = TrainSet(train_samples, args, args.decode, augment_place(args, device))
     batches = DeviceBatches(make_loader(train_set, args.workers, device, batch_sampler=sampler), train_set, 0, device)
     sums = EpochSums(run)
     pipeline, wait = timed_steps(run, batches, n, sums)
@@ -1313,7 +1360,7 @@ def benchmark(args, inputs, device):
 def benchmark_data(args, samples, device):
     """The training input pipeline alone (workers decoding and augmenting), no model: img/s and per worker."""
     sampler = EpochBatches(len(samples), args.batch_size, 1, 0, 1, args.seed)
-    train_set = TrainSet(samples, args, args.decode)
+    train_set = TrainSet(samples, args, args.decode, augment_place(args, device))
     loader = make_loader(train_set, args.workers, device, batch_sampler=sampler)
     batches = DeviceBatches(loader, train_set, 0, device)
     next(batches)  # workers started and warm
