@@ -77,7 +77,9 @@ def build_parser():
                epilog="launch commands:\n" + __doc__.split("\n\n")[1])
     g = p.add_argument_group("data")
     g.add_argument("--data", default="./data/imagenet", help="folder holding train/ and val/ (ImageFolder layout)")
-    g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
+    g.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes per rank (default: this rank's share of the CPU cores less one, "
+                        "for the training loop, at most 16)")
     g.add_argument("--image-size", type=int, default=224, help="default of --train-size and --val-size")
     g.add_argument("--train-size", type=int, default=None, help="training crop size (the final one, with --min-train-size)")
     g.add_argument("--min-train-size", type=int, default=None, help="progressive resizing: the first epochs' crop size (FFCV)")
@@ -135,6 +137,9 @@ def build_parser():
 def get_args(argv=None):
     args = build_parser().parse_args(argv)
     args.out = args.out or os.path.join("runs", f"imagenet-{args.arch}")
+    if args.workers is None:  # (one worker decodes ~300-400 ImageNet photos a second: bench/README.md)
+        per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.workers = max(1, min(16, per_rank - 1))
     args.train_size = args.train_size or args.image_size
     args.val_size = args.val_size or args.image_size
     args.val_resize = args.val_resize or int(args.val_size / M.CROP_RATIO)
@@ -1252,7 +1257,8 @@ def start(args, inputs, rank, world, device):
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     log(f"data: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} classes; {world} process(es) on "
         f"{device}, amp {amp_name(run.amp_dtype)}, global batch {sampler.global_batch}, peak lr {args.lr * sampler.global_batch / 256:.4f}, "
-        f"{sampler.steps} steps/epoch, train size {train_size_at(args, 0)}, val {args.val_size} (resize {args.val_resize})")
+        f"{sampler.steps} steps/epoch, train size {train_size_at(args, 0)}, val {args.val_size} (resize {args.val_resize}), "
+        f"{args.workers} workers, flip and jitter on the {train_set.augment_on}")
     if args.warmup_note:
         log(args.warmup_note)
     if resume is None:

@@ -291,6 +291,9 @@ def open_rgb(image, smallest_size=None):
         size = im.size
         if smallest_size is not None and im.format == "JPEG":
             im.draft("RGB", smallest_size(*size))
+        if im.mode == "RGB":  # (convert() would decode, then copy: 0.1-0.2 ms of a 500x375 photo's ~1.6 ms)
+            im.load()
+            return im, size
         return im.convert("RGB"), size
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise ImageError(f"{image}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None

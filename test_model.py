@@ -1411,6 +1411,67 @@ def test_gpu_decode_path_draws_the_same_and_falls_back(tmp_path):
     assert torch.equal(y[0], cpu_set.cpu_pixels(1, 0)) and torch.equal(y[1:], x[1:])
 
 
+def test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit(tmp_path):
+    """--augment-on device: the worker only decodes, crops and resizes, and flip_jitter() gives exactly the pixels that
+    PIL's flip and ImageEnhance give in the worker (RGB, grey and CMYK JPEGs, a PNG, strong jitter that clamps), for
+    single items and for a loader's batch; with --color-jitter 0 it only flips."""
+    from PIL import Image
+    write_image_folder(tmp_path / "d", per_class=(4, 1), size=64)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 50, 3), dtype=np.uint8)).save(tmp_path / "d" / "train" / "cat" / "noise.png")
+    Image.fromarray((rng.random((60, 80, 3)) * 40 + 200).astype(np.uint8)).save(tmp_path / "d" / "train" / "dog" / "bright.jpg")
+    Image.new("L", (50, 70), 100).save(tmp_path / "d" / "train" / "fox" / "gray.jpg")
+    Image.new("CMYK", (64, 48), (10, 200, 30, 0)).save(tmp_path / "d" / "train" / "dog" / "cmyk.jpg")
+    _, train, _ = imagenet_ddp.check_data(str(tmp_path / "d"))
+    for jitter in ("0.9", "0"):
+        args = imagenet_ddp.get_args(["--image-size", "32", "--color-jitter", jitter])
+        workers, device = imagenet_ddp.TrainSet(train, args, "cpu", "workers"), imagenet_ddp.TrainSet(train, args, "cpu", "device")
+        for epoch in (0, 1, 2):
+            items = [device[(epoch, i)] for i in range(len(train))]
+            assert all(y == train[i][1] and row[0] == i for i, (_, row, y) in enumerate(items))
+            x = imagenet_ddp.flip_jitter(torch.stack([p for p, _, _ in items]), torch.stack([r for _, r, _ in items]), jitter != "0")
+            ref = torch.stack([workers.cpu_pixels(epoch, i) for i in range(len(train))])
+            assert x.dtype == torch.uint8 and torch.equal(x, ref), (jitter, epoch, (x != ref).sum())
+    # through the loader and DeviceBatches, as the trainer takes them (one worker)
+    args = imagenet_ddp.get_args(["--image-size", "32", "--color-jitter", "0.4", "--augment-on", "device"])
+    place = imagenet_ddp.augment_place(args, torch.device("cpu"))
+    sampler = imagenet_ddp.EpochBatches(len(train), 4, 1, 0, 1, 0)
+    sampler.set_epoch(1)
+    ds = imagenet_ddp.TrainSet(train, args, "cpu", place)
+    batches = imagenet_ddp.DeviceBatches(imagenet_ddp.make_loader(ds, 1, torch.device("cpu"), batch_sampler=sampler), ds, 1,
+                                         torch.device("cpu"))
+    workers = imagenet_ddp.TrainSet(train, args, "cpu", "workers")
+    for micro in list(sampler):
+        x, y = next(batches)
+        assert torch.equal(x, torch.stack([workers.cpu_pixels(e, i) for e, i in micro]))
+        assert y.tolist() == [train[i][1] for _, i in micro]
+    batches.close()
+
+
+def test_augment_place_and_the_default_number_of_workers(monkeypatch):
+    """auto: flip and jitter on the device when it is a GPU, in the workers on a CPU; --decode gpu always on the device.
+    The default --workers: this rank's share of the cores less one, at least 1, at most 16."""
+    place = lambda *f, dev="cpu": imagenet_ddp.augment_place(imagenet_ddp.get_args(list(f)), torch.device(dev))
+    assert place() == "workers" and place(dev="cuda") == "device" and place("--decode", "gpu") == "device"
+    assert place("--augment-on", "device") == "device" and place("--augment-on", "workers", dev="cuda") == "workers"
+    for cores, local_world, workers in ((2, 1, 1), (2, 2, 1), (16, 1, 15), (128, 8, 15), (192, 1, 16), (1, 1, 1)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        assert imagenet_ddp.get_args([]).workers == workers, (cores, local_world)
+    assert imagenet_ddp.get_args(["--workers", "3"]).workers == 3
+
+
+def test_ddp_training_is_the_same_with_flip_and_jitter_on_the_device(tmp_path):
+    """A run with --augment-on device ends with the weights of the run with --augment-on workers, bit for bit: the
+    same draws, the same pixels, so a job may resume on another kind of machine and still replay its batches."""
+    data = write_image_folder(tmp_path / "d", per_class=(8, 1), size=40)
+    base = ["--data", str(data), "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--workers", "1", "--amp", "off", "--color-jitter", "0.4"]
+    for place in ("workers", "device"):
+        assert imagenet_ddp.main(base + ["--augment-on", place, "--out", str(tmp_path / place)]) == 0
+    a, b = M.load_checkpoint(tmp_path / "workers" / "last.pt"), M.load_checkpoint(tmp_path / "device" / "last.pt")
+    assert_state_equal(a["model"], b["model"])
+
 SYNSETS = ("n01440764", "n02102040", "n02979186")  # tench, English springer, cassette player
 
 

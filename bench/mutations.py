@@ -1,5 +1,5 @@
 """Evidence that the suite's tests can fail: break the code on purpose, run the test that should catch it, restore.
-One line per mutation (CAUGHT or MISSED); about 4 minutes on a 2-core CPU. Run from the repository root:
+One line per mutation (CAUGHT or MISSED); about 7 minutes on a 2-core CPU. Run from the repository root:
 
     python bench/mutations.py            # all
     python bench/mutations.py crop       # those whose name contains "crop"
@@ -121,6 +121,11 @@ MUTATIONS = [
      "cycle_momentum=False,\n        base_momentum", "test_cifar_one_cycle_schedule_values"),
     ("One Cycle momentum bounds swapped (imagenet_ddp.py)", "imagenet_ddp.py", "base_momentum=0.85, max_momentum=args.momentum)",
      "base_momentum=args.momentum, max_momentum=0.85)", "test_ddp_schedules_and_scaled_lr"),
+    # The device-side flip and jitter (--augment-on device) against the workers' PIL
+    ("the device skips the flip", "imagenet_ddp.py", "x = torch.where(flip[:, None, None, None], x_u8.flip(3), x_u8)", "x = x_u8",
+     "test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit"),
+    ("the device's blend rounds where PIL truncates", "imagenet_ddp.py", ".clamp_(0, 255).floor_()", ".clamp_(0, 255).round_()",
+     "test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit"),
 ]
 only = sys.argv[1:]
 for name, path, old, new, test in MUTATIONS:
