@@ -1378,7 +1378,7 @@ def benchmark_data(args, samples, device):
     sync(device)
     secs = time.time() - t
     batches.close()
-    print(json.dumps(dict(decode=args.decode, images=images, seconds=round(secs, 3), train_size=train_size_at(args, 0),
+    print(json.dumps(dict(decode=args.decode, augment_on=train_set.augment_on, images=images, seconds=round(secs, 3), train_size=train_size_at(args, 0),
                           workers=args.workers, img_per_s=round(images / secs, 1),
                           img_per_s_per_worker=round(images / secs / max(args.workers, 1), 1))), flush=True)
     return 0

@@ -1,6 +1,6 @@
 """imagenet_ddp.py's CPU input pipeline against the founding article's (ImageFolder + RandomResizedCrop / flip /
 ColorJitter / ToTensor / Normalize), on real ImageNet photos (their own sizes and JPEG encoding), no model. Evidence
-for bench/README's input-pipeline table and README's workers-per-GPU advice.
+for README's input-pipeline tables and its workers-per-GPU advice.
 
     python bench/article_imagenet.py --data data/imagenet-sample-400 --workers 1 --batch-size 32 --rounds 6
     python bench/article_imagenet.py --data data/imagenet-sample-400 --breakdown
