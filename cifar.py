@@ -56,6 +56,23 @@ class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
 
 
+EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
+
+
+class Diverged(Exception):
+    """The training loss is not finite: the run stops with EXIT_DIVERGED and writes nothing from then on."""
+
+
+def diverged(run, epoch, step):
+    """The one line for a run whose loss turned non-finite (checked where the loop reads the loss anyway: log lines
+    and saves, so no step waits for the GPU), with what to try."""
+    amp = amp_name(run.amp_dtype)
+    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}.get(amp, "")
+    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} (lr {run.sched.get_last_lr()[0]:.4g}, "
+                    f"{amp}): the run diverged and stopped, and {run.args.out}/last.pt was not overwritten (it holds "
+                    f"the last finite state, if any). Try a lower --lr (lrfind.py suggests one){hint}")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise UserError(message)
@@ -622,6 +639,13 @@ class EpochSums:
                 "time": self.time_before + time.time() - self.t0}
 
 
+def finite_sums(run, sums, epoch, step):
+    s = sums.state()
+    if not math.isfinite(s["loss"]):
+        raise diverged(run, epoch, step)
+    return s
+
+
 def train_one_epoch(run, data, epoch, first, stop, sums, eta):
     """Steps first.. of one epoch. Returns None at the epoch's end, or the step it stopped after on a signal."""
     args = run.args
@@ -636,7 +660,7 @@ def train_one_epoch(run, data, epoch, first, stop, sums, eta):
             run.ema.update(run.model)
         sums.add(loss, logits, y)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            s = sums.state()  # the one place a step waits for the device
+            s = finite_sums(run, sums, epoch, step + 1)  # the one place a step waits for the device
             print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {s['loss'] / s['seen']:.4f} "
                   f"lr {run.sched.get_last_lr()[0]:.5f} img/s {s['seen'] / max(s['time'], 1e-9):.1f} "
                   f"eta {fmt_time(eta(epoch * steps + step + 1))}", flush=True)
@@ -793,7 +817,7 @@ def train(args):
             sums = EpochSums(run.device, carry if epoch == start_epoch else None)
             stopped = train_one_epoch(run, data, epoch, start_step if epoch == start_epoch else 0, stop, sums, eta)
             if stopped is not None:
-                save_last(epoch, stopped, sums.state())
+                save_last(epoch, stopped, finite_sums(run, sums, epoch, stopped))
                 print(stop.farewell(args.out, f"at epoch {epoch + 1} step {stopped}"), flush=True)
                 return 128 + stop.signum
             row = epoch_report(run, data, epoch, sums)
@@ -913,6 +937,9 @@ def main(argv=None):
     except UserError as e:
         print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Diverged as e:
+        print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
 
 
 if __name__ == "__main__":

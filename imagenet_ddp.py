@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -61,6 +62,23 @@ class UserError(Exception):
     def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
+
+
+EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
+
+
+class Diverged(Exception):
+    """The training loss is not finite: the run stops with EXIT_DIVERGED and writes nothing from then on."""
+
+
+def diverged(run, epoch, step):
+    """The one line for a run whose loss turned non-finite (checked where the loop reads the loss anyway: log lines
+    and saves, so no step waits for the GPU), with what to try."""
+    amp = amp_name(run.amp_dtype)
+    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}.get(amp, "")
+    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} (lr {run.sched.get_last_lr()[0]:.4g}, "
+                    f"{amp}): the run diverged and stopped, and {run.args.out}/last.pt was not overwritten (it holds "
+                    f"the last finite state, if any). Try a lower --lr (lrfind.py suggests one){hint}")
 
 
 class Parser(argparse.ArgumentParser):
@@ -292,12 +310,39 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def worker_init(worker_id):
+def worker_init(worker_id, rank_pid=None):
     """Workers ignore the stop signals: the rank decides when to stop, and a killed worker would make the rank
-    raise "DataLoader worker ... is killed by signal" before last.pt is written."""
+    raise "DataLoader worker ... is killed by signal" before last.pt is written. They end with their rank, however
+    it ends (the OOM killer's SIGKILL included)."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if rank_pid is not None:
+        exit_with(rank_pid)
+
+
+def exit_with(pid):
+    """End this process when process `pid` ends. A forkserver's worker needs it: its parent is the forkserver, which
+    PyTorch's watchdog watches, and the forkserver only exits once every worker has closed the pipe the rank opened,
+    so after a SIGKILL of the rank both would live on for ever, holding the launcher's output pipe. A pidfd wakes this
+    thread the moment the rank exits (Linux 5.3+); elsewhere it looks once a second."""
+    import select
+    import threading
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch():
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while os.getppid() != 1 and os.path.exists(f"/proc/{pid}"):
+                time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-rank", daemon=True).start()
 
 
 @atexit.register  # (after torch's import: atexit runs this before multiprocessing's own handler)
@@ -765,7 +810,7 @@ def make_loader(dataset, workers, device, batch_sampler=None, batch_size=1, cont
     context = context or (worker_start_method() if workers > 0 else None)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, batch_sampler=batch_sampler,
-        num_workers=workers, worker_init_fn=worker_init, pin_memory=device.type == "cuda" and not jpeg,
+        num_workers=workers, worker_init_fn=functools.partial(worker_init, rank_pid=os.getpid()), pin_memory=device.type == "cuda" and not jpeg,
         prefetch_factor=4 if workers > 0 else None, collate_fn=collate_jpeg if jpeg else None,
         multiprocessing_context=context if workers > 0 else None)
 
@@ -1010,18 +1055,27 @@ def train_one_epoch(run, loop, epoch, start_step, sums):
             if done % args.log_every == 0 or done == steps:
                 log_progress(run, loop, epoch, done, sums)
             if stop_now and done < steps:
-                save_last(run, loop, epoch, done, sums.state())
+                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
                 return done
             if args.save_every and done % args.save_every == 0 and done < steps:
-                save_last(run, loop, epoch, done, sums.state())
+                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
         return None
     finally:
         vote.settle()
         batches.close()
 
 
+def finite_sums(run, sums, epoch, done):
+    """The epoch's sums over all ranks (an all_reduce: every rank runs it at the same steps, so all stop together on a
+    non-finite loss, which any rank's NaN makes of the sum)."""
+    s = sums.state()
+    if not math.isfinite(s["loss"]):
+        raise diverged(run, epoch, done)
+    return s
+
+
 def log_progress(run, loop, epoch, done, sums):
-    s = sums.state()  # an all_reduce: every rank runs it at the same steps
+    s = finite_sums(run, sums, epoch, done)
     if run.rank == 0:
         steps, args = loop.sampler.steps, run.args
         rate = (s["seen"] - loop.seen0) / max(s["time"] - loop.time0, 1e-9)
@@ -1114,6 +1168,11 @@ def load_resume(args, global_batch):
     """The checkpoint to resume from, or None for a fresh start. Raises UserError on anything wrong, before
     anything is written."""
     last = os.path.join(args.out, "last.pt")
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if args.resume is None and restart > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
+        args.resume = "auto"
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"torchrun restart {restart}: resuming from {last} (--resume auto, implied)", flush=True)
     if args.resume is None:
         for f in (last, os.path.join(args.out, "best.pt")):
             if os.path.exists(f):
@@ -1420,6 +1479,10 @@ def main(argv=None):
         return run_stage(args, inputs, rank, world, device)
     except UserError as e:
         return fail(e)
+    except Diverged as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            fail(e)
+        return EXIT_DIVERGED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

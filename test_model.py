@@ -1157,6 +1157,112 @@ def test_ddp_two_nodes_equal_one_node_two_processes(ddp_reference, inet_data, tm
     assert_state_equal(a["ema"], b["ema"])
 
 
+def _alive(pids):
+    """The pids that are still running (a zombie has ended: it only waits for its parent to read its exit code)."""
+    alive = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(p)
+        except OSError:
+            pass
+    return alive
+
+
+def test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_nothing(ddp_reference, inet_data, tmp_path,
+                                                                                  children):
+    """torchrun --max-restarts=1 and the OOM killer's SIGKILL on one rank mid-epoch (2 loader workers each, started by a
+    forkserver): nothing of that rank's tree (forkserver, resource tracker, workers) outlives it by more than a few
+    seconds, torchrun restarts both ranks with the same command, they resume from the last --save-every checkpoint
+    by themselves, and the run ends bit-identical to the uninterrupted one, its output pipe closed."""
+    ref_out, _ = ddp_reference
+    out = tmp_path / "run"
+    common = [("3" if a == "0" and DDP_COMMON[i - 1] == "--save-every" else a) for i, a in enumerate(DDP_COMMON)]
+    cmd = torchrun_cmd(2, "--data", inet_data, "--out", out, *common)
+    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
+    c = children(cmd)
+    c.wait_for("epoch 1/2 step 5/12")
+    rank1 = rank_pid(c.proc.pid, 1)
+    tree = [rank1] + descendants(rank1)
+    assert len(tree) >= 4, tree  # the rank, its forkserver and resource tracker, its workers
+    os.kill(rank1, signal.SIGKILL)
+    deadline = time.time() + 10
+    while _alive(tree) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(tree), [open(f"/proc/{p}/cmdline").read() for p in _alive(tree)]
+    rc, text = c.finish(timeout=300)  # (the output pipe must close: finish() reads it to its end)
+    assert rc == 0, text[-3000:]
+    assert re.search(r"torchrun restart 1: resuming from .*last\.pt", text) and "resumed from" in text, text[-3000:]
+    a, b = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(out / "last.pt")
+    for key in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "ema_updates"):
+        assert_state_equal(a[key], b[key])
+
+
+def test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3(tmp_path, inet_data):
+    """The loss turns non-finite in the first epoch: each trainer stops at the first log line after it (one process,
+    and 2 under torchrun: every rank at the same step), prints one line naming the epoch, step, LR and precision and
+    what to try, exits 3, and writes no checkpoint (there is no finite state to keep yet)."""
+    data = write_tiny_cifar(tmp_path / "c", n_train=128, n_test=20)
+    res = run_script("cifar.py", "--dataset", "cifar10", "--data-dir", data, "--epochs", "2", "--lr", "1e5",
+                     "--out", tmp_path / "c_run", *CIFAR_FAST)
+    inet = ["--data", inet_data, "--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--batch-size", "4",
+            "--lr", "1e6", "--log-every", "1"]
+    one = run_script("imagenet_ddp.py", *inet, "--workers", "0", "--out", tmp_path / "i_run")
+    two = torchrun(2, *inet, "--workers", "1", "--out", tmp_path / "d_run")
+    for r, out in ((res, "c_run"), (one, "i_run"), (two, "d_run")):
+        lines = [l for l in r.stderr.splitlines() if "error:" in l]
+        assert len(lines) == 1 and re.search(r"training loss is not finite by epoch 1 step \d+ \(lr [\d.e+]+, (fp32|bf16)\)",
+                                              lines[0]) and "--lr" in lines[0], r.stderr[-3000:]
+        assert 'cifar.py", line' not in r.stderr and 'imagenet_ddp.py", line' not in r.stderr, r.stderr[-3000:]  # (torchrun's own may follow)
+        assert not (tmp_path / out / "last.pt").exists() and not (tmp_path / out / "best.pt").exists()
+    assert res.returncode == 3 and one.returncode == 3
+    assert two.returncode != 0 and two.stderr.count("exitcode  : 3") == 2, two.stderr[-3000:]  # both ranks, on their own
+
+
+def _poison_after(monkeypatch, module, calls):
+    """After the given number of training steps, every weight of the first conv turns NaN (a diverging run)."""
+    real, count = module.train_step, [0]
+
+    def step(run, *a, **k):
+        out = real(run, *a, **k)
+        count[0] += 1
+        if count[0] == calls:
+            with torch.no_grad():
+                run.model.conv1.weight.fill_(float("nan"))
+        return out
+    monkeypatch.setattr(module, "train_step", step)
+
+
+def _finite_checkpoint(path):
+    ck = M.load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.dtype.is_floating_point), path
+    return ck
+
+
+def test_a_run_that_diverges_keeps_its_last_finite_checkpoints(tmp_path, monkeypatch, capsys):
+    """Weights that turn NaN in the middle of a run: the trainer stops at its next check (a log line in cifar.py; a
+    --save-every save in imagenet_ddp.py, before it writes), exits 3, and last.pt and best.pt keep the last finite
+    state: nothing non-finite is ever written, and the metrics stop at the last good epoch."""
+    data = write_tiny_cifar(tmp_path / "c", n_train=128, n_test=20)
+    _poison_after(monkeypatch, cifar, 10)  # epoch 2, step 2 (8 steps an epoch)
+    out = tmp_path / "c_run"
+    assert cifar.main(["--dataset", "cifar10", "--data-dir", str(data), "--epochs", "3", "--amp", "off", "--out", str(out),
+                       *CIFAR_FAST]) == cifar.EXIT_DIVERGED
+    assert "not finite by epoch 2 step 3 " in capsys.readouterr().err
+    assert _finite_checkpoint(out / "last.pt")["epoch"] == 1 and _finite_checkpoint(out / "best.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    monkeypatch.undo()
+    data = write_image_folder(tmp_path / "i", per_class=(8, 1), size=32)
+    _poison_after(monkeypatch, imagenet_ddp, 3)
+    out = tmp_path / "i_run"
+    assert imagenet_ddp.main(["--data", str(data), "--arch", "resnet18", "--image-size", "32", "--epochs", "1",
+                              "--batch-size", "4", "--workers", "0", "--amp", "off", "--save-every", "2", "--log-every", "50",
+                              "--out", str(out)]) == imagenet_ddp.EXIT_DIVERGED
+    assert "not finite by epoch 1 step 4 " in capsys.readouterr().err
+    ck = _finite_checkpoint(out / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (0, 2) and not (out / "best.pt").exists()
+
 def test_ddp_evaluate_agrees_on_1_and_2_processes_and_with_the_training_figure(ddp_reference, inet_data):
     ref_out, _ = ddp_reference
     one = run_script("imagenet_ddp.py", "--data", inet_data, "--evaluate", "--checkpoint", ref_out / "best.pt",
@@ -1318,7 +1424,7 @@ def test_ddp_mixing_and_workers_flags(inet_data):
     args = imagenet_ddp.get_args(["--data", str(inet_data), "--arch", "resnet18", "--workers", "3", "--epochs", "2", "--batch-size", "8",
                                   "--out", "unused-never-written"])
     run, loop, *_ = imagenet_ddp.start(args, imagenet_ddp.check_inputs(args), 0, 1, torch.device("cpu"))
-    assert loop.loader.num_workers == 3 and loop.loader.worker_init_fn is imagenet_ddp.worker_init
+    assert loop.loader.num_workers == 3 and loop.loader.worker_init_fn.func is imagenet_ddp.worker_init
 
 
 def test_train_augmentation_is_a_function_of_seed_epoch_index(tmp_path):

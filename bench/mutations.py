@@ -29,8 +29,8 @@ MUTATIONS = [
      "mine = [i % len(samples) for i in range(r.rank, len(samples) + len(samples) % r.world, r.world)]",
      "test_ddp_evaluate_agrees_on_1_and_2_processes_and_with_the_training_figure"),
     ("DDP stop saves last.pt at the step it names", "imagenet_ddp.py",
-     "                save_last(run, loop, epoch, done, sums.state())\n                return done",
-     "                save_last(run, loop, epoch, done - 1, sums.state())\n                return done",
+     "                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))\n                return done",
+     "                save_last(run, loop, epoch, done - 1, finite_sums(run, sums, epoch, done))\n                return done",
      "test_ddp_signal_to_one_rank_stops_all_at_one_step"),
     ("loader workers left at exit are killed", "imagenet_ddp.py", "\n@atexit.register  # (after", "\n# @atexit.register  # (after",
      "test_a_loader_left_running_does_not_hang_the_exit"),
@@ -126,6 +126,18 @@ MUTATIONS = [
      "test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit"),
     ("the device's blend rounds where PIL truncates", "imagenet_ddp.py", ".clamp_(0, 255).floor_()", ".clamp_(0, 255).round_()",
      "test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit"),
+    # The faults a long job meets on its own
+    ("imagenet_ddp.py's log lines do not check the loss", "imagenet_ddp.py", "    s = finite_sums(run, sums, epoch, done)\n    if run.rank == 0:",
+     "    s = sums.state()\n    if run.rank == 0:", "test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3"),
+    ("cifar.py's log lines do not check the loss", "cifar.py", "s = finite_sums(run, sums, epoch, step + 1)", "s = sums.state()",
+     "test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3"),
+    ("a --save-every save writes NaN weights", "imagenet_ddp.py",
+     "save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))\n        return None",
+     "save_last(run, loop, epoch, done, sums.state())\n        return None", "test_a_run_that_diverges_keeps_its_last_finite_checkpoints"),
+    ("a torchrun restart refuses to resume", "imagenet_ddp.py", "if args.resume is None and restart > 0:", "if False:",
+     "test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_nothing"),
+    ("loader workers outlive a killed rank", "imagenet_ddp.py", "    if rank_pid is not None:\n        exit_with(rank_pid)",
+     "    pass", "test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_nothing"),
 ]
 only = sys.argv[1:]
 for name, path, old, new, test in MUTATIONS:
