@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -43,6 +44,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 import warnings
 
 import numpy as np
@@ -443,10 +445,50 @@ def setup_distributed(device_name):
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // per_node))
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world, device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id)
     if rank != 0:
         warnings.simplefilter("ignore")  # rank 0 speaks for all; the others would repeat every warning
     return rank, world, device
+
+
+def attempt_store(rank, timeout_s=1800):
+    """torchrun's store, seen through a namespace of this attempt alone.
+
+    torchrun keeps one store for all attempts of a run (torch 2.14), so after a restart a rank can read the
+    address the previous attempt's rank 0 left there and fail to connect (gloo: "connectFullMesh failed ...
+    Connection refused"; pytorch/pytorch#135712), whenever it gets there before the new rank 0. The restart
+    count cannot name the attempt either: torchrun counts per node. So rank 0 draws a fresh name, and each
+    other rank takes it only once rank 0 has echoed back the nonce this process drew: a name left by a dead
+    rank 0 never echoes."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    if rank == 0:
+        name = uuid.uuid4().hex
+        store.set("imagenet_ddp/attempt", name)
+        for r in range(1, int(os.environ["WORLD_SIZE"])):  # store.get waits for the key
+            store.set(f"{name}/echo/{r}", store.get(f"{name}/nonce/{r}"))
+        return dist.PrefixStore(name, store)
+    nonce, deadline = uuid.uuid4().hex.encode(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        name = store.get("imagenet_ddp/attempt").decode()
+        store.set(f"{name}/nonce/{rank}", nonce)
+        if store.check([f"{name}/echo/{rank}"]) and store.get(f"{name}/echo/{rank}") == nonce:
+            return dist.PrefixStore(name, store)
+        time.sleep(0.05)
+    raise RuntimeError(f"rank {rank}: no rank 0 of this attempt answered in {timeout_s} s")
+
+
+def torchrun_restarts(device):
+    """How many times torchrun has restarted this run: the most any rank was told. torchrun counts per node, and
+    a node whose own ranks were healthy restarts them with a count of 0 (torch 2.14), so every rank must ask."""
+    count = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def all_sum(values, device):
@@ -1164,15 +1206,14 @@ RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule"
                      "ramp_epochs", "min_scale", "color_jitter", "mixup", "cutmix", "ema", "label_smoothing")
 
 
-def load_resume(args, global_batch):
+def load_resume(args, global_batch, restarts=0):
     """The checkpoint to resume from, or None for a fresh start. Raises UserError on anything wrong, before
     anything is written."""
     last = os.path.join(args.out, "last.pt")
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if args.resume is None and restart > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
+    if args.resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
         args.resume = "auto"
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"torchrun restart {restart}: resuming from {last} (--resume auto, implied)", flush=True)
+            print(f"torchrun restart {restarts}: resuming from {last} (--resume auto, implied)", flush=True)
     if args.resume is None:
         for f in (last, os.path.join(args.out, "best.pt")):
             if os.path.exists(f):
@@ -1256,9 +1297,9 @@ def restore_ema_rank_buffers(run, parts):
 # ---------------------------------------------------------------------------------------------------
 # Start-up and the epoch loop
 # ---------------------------------------------------------------------------------------------------
-def check_inputs(args):
+def check_inputs(args, restarts=0):
     """Everything that can fail on bad input (data, checkpoint, batch size, flags that cannot run here), done by
-    every rank before any collective. Returns (classes, train samples, val samples, resume state, checkpoint)."""
+    every rank before the vote on it. Returns (classes, train samples, val samples, resume state, checkpoint)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -1282,7 +1323,7 @@ def check_inputs(args):
             raise UserError(f"{path} was trained on other classes than {args.data}/val")
         ckpt["path"] = path
     elif not (args.benchmark or args.benchmark_data):
-        resume = load_resume(args, args.batch_size * world * args.grad_accum)
+        resume = load_resume(args, args.batch_size * world * args.grad_accum, restarts)
         if resume is not None and list(resume["classes"]) != list(classes):
             raise UserError(f"{resume['path']} was trained on other classes than those of {args.data}; "
                             f"resume it with its own data, or start a fresh run in another --out")
@@ -1461,18 +1502,22 @@ def main(argv=None):
     args = error = None
     try:
         args = get_args(argv)
-        inputs = check_inputs(args)
     except UserError as e:
         error = e
     if error is not None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return fail(error)
     try:
+        rank, world, device = setup_distributed(args.device if args else "cpu")
+        restarts = torchrun_restarts(device)
+        try:
+            inputs = None if error else check_inputs(args, restarts)
+        except UserError as e:
+            error = e
         if error is not None:
             fail(error)
         # Bad input fails on every rank, but torchrun kills all workers as soon as one exits with an error, which
         # would cut the other ranks' error lines short. So a rank that failed prints first, then every rank votes
         # here: all error lines are out before anyone exits, and ranks whose own checks passed exit too.
-        rank, world, device = setup_distributed(args.device if args else "cpu")
         failed = int(all_sum([0.0 if error is None else 1.0], device)[0])
         if failed:
             return 2 if error is not None else fail(f"{failed} of {world} ranks failed their start-up checks (see above)")

@@ -1170,20 +1170,47 @@ def _alive(pids):
     return alive
 
 
+def _rank_environ(agent_pid, rank):
+    """The environment of a torchrun agent's worker of that RANK, or None while there is none."""
+    try:
+        pid = rank_pid(agent_pid, rank)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return pid, dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    except (AssertionError, OSError):
+        return None
+
+
+def _find_rank(agents, rank, timeout=120):
+    """(agent, pid, environment) of the worker of that RANK under one of the agents."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for a in agents:
+            found = _rank_environ(a.proc.pid, rank)
+            if found:
+                return (a, *found)
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} under any agent within {timeout} s")
+
+
 def test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_nothing(ddp_reference, inet_data, tmp_path,
                                                                                   children):
-    """torchrun --max-restarts=1 and the OOM killer's SIGKILL on one rank mid-epoch (2 loader workers each, started by a
-    forkserver): nothing of that rank's tree (forkserver, resource tracker, workers) outlives it by more than a few
-    seconds, torchrun restarts both ranks with the same command, they resume from the last --save-every checkpoint
-    by themselves, and the run ends bit-identical to the uninterrupted one, its output pipe closed."""
+    """Two torchrun nodes (one rank each, c10d rendezvous, --max-restarts=1) and the OOM killer's SIGKILL on one
+    rank mid-epoch (2 loader workers, started by a forkserver): nothing of that rank's tree (forkserver, resource
+    tracker, workers) outlives it by more than a few seconds, both nodes restart their rank with the same command,
+    and both resume from the last --save-every checkpoint by themselves, although torchrun tells the healthy node's
+    rank it is restart 0. The run ends bit-identical to the uninterrupted one, every output pipe closed.
+    (Restarts also re-use torchrun's store, where the last attempt's addresses are left: see attempt_store.)"""
     ref_out, _ = ddp_reference
     out = tmp_path / "run"
     common = [("3" if a == "0" and DDP_COMMON[i - 1] == "--save-every" else a) for i, a in enumerate(DDP_COMMON)]
-    cmd = torchrun_cmd(2, "--data", inet_data, "--out", out, *common)
-    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
-    c = children(cmd)
-    c.wait_for("epoch 1/2 step 5/12")
-    rank1 = rank_pid(c.proc.pid, 1)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--max-restarts=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=restart-test",
+              os.path.join(HERE, "imagenet_ddp.py"), "--data", str(inet_data), "--out", str(out), *map(str, common)]
+    agents = [children(launch), children(launch)]
+    logging_agent, rank0, _ = _find_rank(agents, 0)  # only rank 0 logs
+    logging_agent.wait_for("epoch 1/2 step 5/12")
+    killed_agent, rank1, _ = _find_rank(agents, 1)
+    first_worker = {logging_agent: rank0, killed_agent: rank1}
     tree = [rank1] + descendants(rank1)
     assert len(tree) >= 4, tree  # the rank, its forkserver and resource tracker, its workers
     os.kill(rank1, signal.SIGKILL)
@@ -1194,12 +1221,47 @@ def test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_noth
     for p in left:  # (re-parented to init, out of reach of the children fixture: killed here, then reported)
         os.kill(p, signal.SIGKILL)
     assert not left, left
-    rc, text = c.finish(timeout=300)  # (the output pipe must close: finish() reads it to its end)
-    assert rc == 0, text[-3000:]
+    counts = {}  # of the restarted ranks, as torchrun tells them
+    deadline = time.time() + 120
+    while len(counts) < 2 and time.time() < deadline:
+        for a in agents:
+            for r in (0, 1):
+                found = _rank_environ(a.proc.pid, r)
+                if found and found[0] != first_worker[a]:
+                    counts[a] = int(found[1]["TORCHELASTIC_RESTART_COUNT"])
+        time.sleep(0.1)
+    assert counts == {killed_agent: 1, logging_agent: 0}, f"torch counts restarts otherwise now ({counts}): revisit"
+    text = ""
+    for a in agents:
+        rc, lines = a.finish(timeout=300)  # (the output pipe must close: finish() reads it to its end)
+        assert rc == 0, lines[-3000:]
+        text += lines
     assert re.search(r"torchrun restart 1: resuming from .*last\.pt", text) and "resumed from" in text, text[-3000:]
     a, b = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(out / "last.pt")
     for key in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "ema_updates"):
         assert_state_equal(a[key], b[key])
+
+
+def test_a_restarted_rank_waits_for_its_own_rank_0_not_the_name_the_last_attempt_left(monkeypatch):
+    """torchrun's store outlives an attempt (torch 2.14): rank 1 of the new attempt comes first and finds the
+    finished attempt's name and echo there. It must wait for the new rank 0 and then share one fresh namespace with
+    it (taking the old name is how the CI run failed: gloo connected to the dead rank 0's port). Under a second."""
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for key, value in (("imagenet_ddp/attempt", "old"), ("old/nonce/1", "n"), ("old/echo/1", "n")):
+        server.set(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    got = {}
+    rank1 = threading.Thread(target=lambda: got.update(store=imagenet_ddp.attempt_store(1, timeout_s=20)), daemon=True)
+    rank1.start()
+    time.sleep(0.5)
+    assert rank1.is_alive() and not got, "rank 1 took the last attempt's namespace"
+    store0 = imagenet_ddp.attempt_store(0, timeout_s=20)
+    rank1.join(20)
+    assert "store" in got and server.get("imagenet_ddp/attempt") != b"old"
+    store0.set("written by", "rank 0")
+    assert got["store"].get("written by") == b"rank 0"
 
 
 def test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3(tmp_path, inet_data):
