@@ -22,6 +22,7 @@ draws go to the device in one copy, and losses are summed there and read only at
 import argparse
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
@@ -57,6 +58,7 @@ class UserError(Exception):
 
 
 EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
+EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (disk full, quota, read-only)
 
 
 class Diverged(Exception):
@@ -266,20 +268,20 @@ class Metrics:
     TensorBoard scalars. A resumed run keeps the rows of the epochs it will not redo and redraws them all."""
 
     def __init__(self, out, keep_until_epoch, tensorboard):
-        os.makedirs(out, exist_ok=True)
         self.out, self.path = out, os.path.join(out, "metrics.jsonl")
         self.rows = []
         if keep_until_epoch > 0 and os.path.exists(self.path):  # drop epochs the resumed run will redo
             with open(self.path) as f:
                 self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.save()
         self.tb = open_tensorboard(tensorboard, out)
+
+    def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
+        M.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def write(self, row):
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.save()
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -303,7 +305,7 @@ _said_no_matplotlib = []
 
 
 def draw_curves(rows, path):
-    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically (temp file + rename)."""
+    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -330,10 +332,13 @@ def draw_curves(rows, path):
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    try:  # a picture, redrawn every epoch from metrics.jsonl: losing one is no reason to end a run
+        M.atomic_write(path, png.getbuffer())
+    except M.WriteError as e:
+        print(f"{e}; the run goes on (the next checkpoint or metrics.jsonl write that fails ends it)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -940,6 +945,9 @@ def main(argv=None):
     except Diverged as e:
         print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except M.WriteError as e:
+        print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import io
 import json
 import math
 import multiprocessing
@@ -61,12 +62,17 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
 class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
 
+
+class DataError(UserError):
+    """Bad data met during training, by every rank at the same step: rank 0 reports it."""
+
     def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
 
 
 EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
+EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (disk full, quota, read-only)
 
 
 class Diverged(Exception):
@@ -111,6 +117,9 @@ def build_parser():
     g.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop smallest area fraction")
     g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"],
                    help="gpu: workers only read bytes and draw the augmentation; nvjpeg decodes, the GPU crops and jitters")
+    g.add_argument("--max-broken-images", type=int, default=None, metavar="N",
+                   help="stop when more than N training photos cannot be decoded (each is replaced by another, and "
+                        "named); default: 0.1%% of the training photos, at least 10")
     g.add_argument("--augment-on", default="auto", choices=["auto", "workers", "device"],
                    help="where flip and colour jitter run (the same pixels either way); auto = the device on a GPU, "
                         "so the workers only decode, crop and resize")
@@ -121,7 +130,11 @@ def build_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=90, help="training epochs")
     g.add_argument("--batch-size", type=int, default=64, help="images per process per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimizer step (default 1; on resume, what keeps the checkpoint's global batch)")
+    g.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="images per optimizer step over all processes: --grad-accum = N / (batch-size x processes), "
+                        "so one command keeps the batch (and the LR) on any number of GPUs, as elastic jobs need")
     g.add_argument("--lr", type=float, default=0.1, help="peak LR per 256 images, scaled by the global batch (not cifar.py's --lr)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
@@ -169,7 +182,9 @@ def get_args(argv=None):
     sizes_ok = all(s >= 16 for s in (args.train_size, args.val_size, args.min_train_size or 16))
     ramp_ok = args.ramp_epochs is None or (0 <= args.ramp_epochs[0] <= args.ramp_epochs[1] <= args.epochs)
     checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
-              (args.grad_accum >= 1, "--grad-accum must be >= 1"), (args.workers >= 0, "--workers must be >= 0"),
+              ((args.grad_accum or 1) >= 1 and (args.global_batch or 1) >= 1, "--grad-accum/--global-batch must be >= 1"),
+              (args.grad_accum is None or args.global_batch is None, "give --global-batch or --grad-accum, not both"),
+              (args.workers >= 0, "--workers must be >= 0"), ((args.max_broken_images or 0) >= 0, "--max-broken-images must be >= 0"),
               (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"), (args.wd >= 0, "--wd must be >= 0"),
               (sizes_ok, "image sizes must be >= 16"), (args.val_resize >= args.val_size, "--val-resize must be >= --val-size"),
               ((args.min_train_size is None) == (args.ramp_epochs is None), "--min-train-size and --ramp-epochs go together"),
@@ -183,6 +198,9 @@ def get_args(argv=None):
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    # (a resume with neither flag keeps its checkpoint's global batch: load_resume)
+    args.keep_global_batch = args.grad_accum is None and args.global_batch is None
+    args.grad_accum = args.grad_accum or 1
     args.warmup_note = None if explicit_warmup or args.warmup_epochs == 5.0 else (
         f"warm-up: {args.warmup_epochs:g} epochs (the default 5, capped at a quarter of this {args.epochs}-epoch run)")
     return args
@@ -361,20 +379,20 @@ class Metrics:
     TensorBoard scalars. A resumed run keeps the rows of the epochs it will not redo and redraws them all."""
 
     def __init__(self, out, keep_until_epoch, tensorboard):
-        os.makedirs(out, exist_ok=True)
         self.out, self.path = out, os.path.join(out, "metrics.jsonl")
         self.rows = []
         if keep_until_epoch > 0 and os.path.exists(self.path):  # drop epochs the resumed run will redo
             with open(self.path) as f:
                 self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.save()
         self.tb = open_tensorboard(tensorboard, out)
+
+    def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
+        M.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def write(self, row):
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.save()
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -398,7 +416,7 @@ _said_no_matplotlib = []
 
 
 def draw_curves(rows, path):
-    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically (temp file + rename)."""
+    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -425,10 +443,13 @@ def draw_curves(rows, path):
         ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    try:  # a picture, redrawn every epoch from metrics.jsonl: losing one is no reason to end a run
+        M.atomic_write(path, png.getbuffer())
+    except M.WriteError as e:
+        print(f"{e}; the run goes on (the next checkpoint or metrics.jsonl write that fails ends it)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -624,8 +645,11 @@ class TrainSet(torch.utils.data.Dataset):
     as PIL would). decode="gpu": the worker reads the JPEG's bytes and header and draws the augmentation;
     gpu_augment() does the rest on the device."""
 
+    REPLACEMENT_DRAWS = 16
+
     def __init__(self, samples, args, decode="cpu", augment_on="workers"):
         self.samples, self.args, self.decode, self.augment_on = samples, args, decode, augment_on
+        self.broken = set()  # (the main process's) training photos met that cannot be decoded
 
     def __len__(self):
         return len(self.samples)
@@ -639,7 +663,25 @@ class TrainSet(torch.utils.data.Dataset):
         return Draws(box, flip, factors, rng.permutation(3))
 
     def __getitem__(self, item):
+        """The item's fields, then the index of the photo that could not be decoded and was replaced (-1: none)."""
         epoch, index = item
+        fields, source = self.readable(epoch, index, self.fields)
+        return (*fields, -1 if source == index else index)
+
+    def readable(self, epoch, index, make):
+        """(make(epoch, i), i) for the photo itself or, when it cannot be decoded, for the first of the others drawn
+        from (seed, epoch, index) that can: the same replacement on every rank and after a resume, and a broken
+        file costs one step nothing but that photo (timm's loader skips it too)."""
+        rng = seeded(self.args.seed, epoch, index, 3)
+        for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():
+            try:
+                return make(epoch, source), source
+            except M.ImageError:
+                continue
+        raise UserError(f"{self.samples[index][0]} cannot be decoded, nor any of the {self.REPLACEMENT_DRAWS} "
+                        f"training photos drawn to replace it")
+
+    def fields(self, epoch, index):
         if self.decode == "gpu":
             return self.jpeg_item(epoch, index)
         if self.augment_on == "device":
@@ -656,10 +698,7 @@ class TrainSet(torch.utils.data.Dataset):
         def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
             d.append(self.draw(epoch, index, W, H))  # keeps the crop >= size on both sides
             return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
-        try:
-            im, (W, H) = M.open_rgb(path, smallest_size)
-        except M.ImageError as e:
-            raise UserError(str(e)) from None
+        im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: see readable())
         d = d[0] if d else self.draw(epoch, index, W, H)  # not a JPEG: smallest_size() was not called
         x0, y0, w, h = d.box
         sx, sy = im.size[0] / W, im.size[1] / H
@@ -686,7 +725,7 @@ class TrainSet(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 fmt, mode, (W, H) = im.format, im.mode, im.size
         except Exception as e:
-            raise UserError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None
+            raise M.ImageError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None
         if fmt != "JPEG" or mode not in ("RGB", "L"):
             im, d = self.cropped(epoch, index)
             return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), label
@@ -710,8 +749,8 @@ def pil_to_chw(im):
 
 
 def collate_jpeg(items):
-    payloads, rows, labels = zip(*items)
-    return list(payloads), torch.stack(rows), torch.tensor(labels)
+    payloads, rows, labels, replaced = zip(*items)
+    return list(payloads), torch.stack(rows), torch.tensor(labels), torch.tensor(replaced)
 
 
 def flip_jitter(x_u8, rows, jitter_on):
@@ -740,9 +779,10 @@ def flip_jitter(x_u8, rows, jitter_on):
 def gpu_augment(batch, train_set, epoch, device):
     """--decode gpu: decode the batch's JPEGs in one nvjpeg call on the device, then crop and resize each to the
     epoch's size, and flip and jitter the batch with the draws its workers made. What nvjpeg refuses went through the
-    CPU crop instead (in the worker, or here when nvjpeg fails on a file it accepted)."""
+    CPU crop instead (in the worker, or here when nvjpeg fails on a file it accepted; a file that cannot be decoded
+    at all is replaced here, its label and `replaced` entry updated in place)."""
     import torchvision
-    payloads, rows, _ = batch
+    payloads, rows, labels, replaced = batch
     size = train_size_at(train_set.args, epoch)
     out = [p.to(device) if p.dim() == 3 else None for p in payloads]  # crops the workers made on the CPU path
     jpeg = [i for i, p in enumerate(payloads) if p.dim() == 1]
@@ -754,9 +794,13 @@ def gpu_augment(batch, train_set, epoch, device):
         for i in jpeg:
             try:
                 decoded.append(torchvision.io.decode_jpeg(payloads[i], device=device, mode=rgb))
-            except RuntimeError:
+            except RuntimeError:  # (and a file that PIL cannot decode either is replaced, as in the workers)
                 decoded.append(None)
-                out[i] = pil_to_chw(train_set.cropped(epoch, int(rows[i, 0]))[0]).to(device)
+                index = int(rows[i, 0])
+                im, source = train_set.readable(epoch, index, lambda e, j: train_set.cropped(e, j)[0])
+                out[i] = pil_to_chw(im).to(device)
+                if source != index:
+                    labels[i], replaced[i] = train_set.samples[source][1], index
     for i, img in zip(jpeg, decoded):
         if img is not None:
             out[i] = crop_resize(img, rows[i], size)
@@ -785,8 +829,8 @@ class EvalSet(torch.utils.data.Dataset):
         path, label = self.samples[index]
         try:
             return M.eval_image(path, self.size, self.resize), label
-        except M.ImageError as e:
-            raise UserError(str(e)) from None
+        except M.ImageError:  # left out of the figures (label -1), and named by evaluate()
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -864,6 +908,7 @@ class DeviceBatches:
 
     def __init__(self, loader, train_set, epoch, device):
         self.train_set, self.epoch, self.device, self.wait = train_set, epoch, device, 0.0
+        self.replaced = []  # indices of the broken photos replaced so far
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with stop_signals_blocked():
             self.it = iter(loader)
@@ -875,15 +920,19 @@ class DeviceBatches:
             batch = next(self.it)
         except StopIteration:
             return None
+        except UserError as e:  # raised in a worker: the DataLoader adds the worker's traceback to the message
+            raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
         self.wait += time.time() - t
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             if isinstance(batch[0], list):
                 x = gpu_augment(batch, self.train_set, self.epoch, self.device)
-            elif len(batch) == 3:  # --augment-on device: crops from the workers, flipped and jittered here
+            elif len(batch) == 4:  # --augment-on device: crops from the workers, flipped and jittered here
                 x = flip_jitter(batch[0].to(self.device, non_blocking=True), batch[1], self.train_set.args.color_jitter > 0)
             else:
                 x = batch[0].to(self.device, non_blocking=True)
-            return x, batch[-1].to(self.device, non_blocking=True)
+            labels, replaced = batch[-2], batch[-1]
+            self.replaced += replaced[replaced >= 0].tolist()  # (CPU tensors: no device sync)
+            return x, labels.to(self.device, non_blocking=True)
 
     def __next__(self):
         batch = self.next
@@ -1004,19 +1053,40 @@ def evaluate(net, samples, run_like, size, resize):
     loader = make_loader(torch.utils.data.Subset(EvalSet(samples, size, resize), mine), min(r.args.workers, 4),
                          r.device, batch_size=r.args.batch_size)
     sums = torch.zeros(4, dtype=torch.float64, device=r.device)
+    broken, first = [], 0
     with stop_signals_blocked():
         batches = iter(loader)
     for x, y in batches:
+        broken += [samples[mine[first + j]][0] for j in (y < 0).nonzero().flatten().tolist()]  # (on the host)
+        first += len(y)
         x = M.normalize(x.to(r.device, non_blocking=True), M.IMAGENET_MEAN, M.IMAGENET_STD, r.args.channels_last)
         y = y.to(r.device, non_blocking=True)
+        valid = y >= 0
         with autocast(r.device, r.amp_dtype):
             logits = net(x).float()
-        pred = logits.topk(min(5, logits.shape[1]), 1).indices
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), (pred[:, 0] == y).sum().double(),
-                             (pred == y[:, None]).any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=r.device)])
+        pred = logits.topk(min(5, logits.shape[1]), 1).indices  # (label -1 matches no prediction)
+        loss = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+        sums += torch.stack([(loss * valid).sum().double(), (pred[:, 0] == y).sum().double(),
+                             (pred == y[:, None]).any(1).sum().double(), valid.sum().double()])
     loss_sum, top1, top5, n = all_sum(sums.tolist(), r.device)
+    for path in gathered(broken, r.world):
+        if r.rank == 0 and path not in SAID_BROKEN:
+            print(f"{path}: cannot read image; left out of the validation figures (val_images)", flush=True)
+        SAID_BROKEN.add(path)
     return dict(val_loss=loss_sum / max(n, 1), val_top1=100.0 * top1 / max(n, 1), val_top5=100.0 * top5 / max(n, 1),
                 val_images=int(n))
+
+
+SAID_BROKEN = set()  # the broken photos already named in the log
+
+
+def gathered(items, world):
+    """Every rank's list, concatenated in rank order (a collective when world > 1: every rank calls it)."""
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
 def weights_fingerprint(model, device):
@@ -1040,9 +1110,10 @@ class EpochSums:
     """An epoch's running loss, summed on the device and read over all ranks only at log lines and epoch ends, so
     no step waits for the GPU. seen counts images over all ranks; state() is what last.pt carries."""
 
-    def __init__(self, run, carry=None):
+    def __init__(self, run, carry=None, train_set=None):
         carry = carry or {"loss": 0.0, "seen": 0, "time": 0.0, "wait": 0.0}
-        self.run, self.carried_loss = run, float(carry["loss"])
+        self.run, self.carried_loss, self.train_set = run, float(carry["loss"]), train_set
+        self.replaced, self.new_replaced = set(carry.get("replaced", [])), []  # broken photos: indices, all ranks
         self.local_loss = torch.zeros((), dtype=torch.float64, device=run.device)
         self.seen, self.time_before, self.wait_before, self.t0 = int(carry["seen"]), carry["time"], carry["wait"], time.time()
         self.wait = 0.0  # this session's data-wait
@@ -1052,8 +1123,35 @@ class EpochSums:
 
     def state(self):
         loss = all_sum([self.local_loss.item()], self.run.device)[0]
+        self.replaced.update(gathered(self.new_replaced, self.run.world))
+        self.new_replaced = []
+        if self.train_set is not None:
+            say_broken(self.run, self.train_set, self.replaced)
         return {"loss": self.carried_loss + loss, "seen": self.seen, "time": self.time_before + time.time() - self.t0,
-                "wait": self.wait_before + self.wait}
+                "wait": self.wait_before + self.wait, "replaced": sorted(self.replaced)}
+
+
+def say_broken(run, train_set, indices):
+    """Name each broken training photo once (rank 0), and stop the run (every rank: they all hold the same indices)
+    once more than --max-broken-images of them have been met."""
+    for i in sorted(indices):
+        path = train_set.samples[i][0]
+        if path not in train_set.broken and run.rank == 0:
+            try:
+                M.open_rgb(path)
+                reason = f"{path}: cannot read image"
+            except M.ImageError as e:
+                reason = str(e)
+            print(f"{reason}; replaced by another training photo drawn from (seed, epoch, index), the same on every "
+                  f"rank and resume ({len(train_set.broken) + 1} broken so far)", flush=True)
+        train_set.broken.add(path)
+    limit = run.args.max_broken_images
+    if limit is None:
+        limit = max(10, len(train_set.samples) // 1000)
+    if len(train_set.broken) > limit:
+        names = ", ".join(sorted(train_set.broken)[:3])
+        raise DataError(f"{len(train_set.broken)} training photos cannot be decoded (more than --max-broken-images "
+                        f"{limit}), among them {names}: check the copy of the data set, or raise the limit")
 
 
 def train_step(run, batches, mix, sums):
@@ -1092,6 +1190,8 @@ def train_one_epoch(run, loop, epoch, start_step, sums):
         for step in range(start_step, steps):
             train_step(run, batches, step_mix(args, epoch, step, train_size_at(args, epoch)), sums)
             sums.wait = batches.wait
+            sums.new_replaced += batches.replaced
+            batches.replaced = []
             stop_now = vote.cast(bool(loop.stop))
             done = step + 1
             if done % args.log_every == 0 or done == steps:
@@ -1181,7 +1281,8 @@ def end_of_epoch(run, loop, epoch, sums):
     res = evaluate(net, loop.val_samples, run, args.val_size, args.val_resize)
     row = dict(epoch=epoch + 1, lr=run.sched.get_last_lr()[0], train_loss=s["loss"] / max(s["seen"], 1),
                train_img_per_s=s["seen"] / max(s["time"], 1e-9), data_wait_pct=100.0 * s["wait"] / max(s["time"], 1e-9),
-               train_size=train_size_at(args, epoch), **res, time_s=s["time"] + time.time() - t_eval)
+               train_size=train_size_at(args, epoch), broken_train_images=len(s["replaced"]), **res,
+               time_s=s["time"] + time.time() - t_eval)
     if res["val_top1"] > loop.best:
         loop.best = res["val_top1"]
         if run.rank == 0:
@@ -1206,8 +1307,9 @@ RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule"
                      "ramp_epochs", "min_scale", "color_jitter", "mixup", "cutmix", "ema", "label_smoothing")
 
 
-def load_resume(args, global_batch, restarts=0):
-    """The checkpoint to resume from, or None for a fresh start. Raises UserError on anything wrong, before
+def load_resume(args, world, restarts=0):
+    """The checkpoint to resume from, or None for a fresh start. Without --grad-accum (or --global-batch), sets the
+    one that keeps the checkpoint's global batch on this world size. Raises UserError on anything wrong, before
     anything is written."""
     last = os.path.join(args.out, "last.pt")
     if args.resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
@@ -1237,6 +1339,9 @@ def load_resume(args, global_batch, restarts=0):
     if ckpt.get("arch") != args.arch:
         raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
     norm = lambda v: list(v) if isinstance(v, tuple) else v
+    if args.keep_global_batch:  # another number of processes (elastic, a requeue elsewhere): keep the global batch
+        args.grad_accum = derived_grad_accum(ckpt.get("global_batch"), args.batch_size, world, path)
+    global_batch = args.batch_size * world * args.grad_accum
     diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
             if norm(ckpt["args"].get(k)) != norm(getattr(args, k))]
     if ckpt.get("global_batch") != global_batch:
@@ -1245,6 +1350,14 @@ def load_resume(args, global_batch, restarts=0):
         raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
     ckpt["path"] = path
     return ckpt
+
+
+def derived_grad_accum(global_batch, batch_size, world, path):
+    per_micro_batch = batch_size * world
+    if not global_batch or global_batch % per_micro_batch:
+        raise UserError(f"{path} was trained with a global batch of {global_batch}, which {world} process(es) x "
+                        f"--batch-size {batch_size} cannot make up: resume with another --batch-size or --global-batch")
+    return global_batch // per_micro_batch
 
 
 def training_state(run):
@@ -1273,7 +1386,8 @@ def restore_training_state(ckpt, run, log):
     world_was = ckpt.get("world_size", run.world)
     if world_was != run.world:
         log(f"resuming a {world_was}-process run on {run.world} process(es) with --grad-accum {run.args.grad_accum}: the "
-            f"same global batch and batches; the gradients are summed in another order, so results match within float noise")
+            f"same global batch ({ckpt['global_batch']}) and batches; the gradients are summed in another order, so "
+            f"results match within float noise")
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.updates = ckpt["ema_updates"]
@@ -1310,6 +1424,12 @@ def check_inputs(args, restarts=0):
         raise UserError("--decode gpu needs a CUDA GPU (nvjpeg); use --decode cpu here")
     if args.benchmark and world > 1:
         raise UserError("--benchmark times one process: run it with python, not torchrun")
+    if args.global_batch is not None:
+        per_micro_batch = args.batch_size * world
+        if args.global_batch % per_micro_batch:
+            raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
+                            f"{world} process(es) = {per_micro_batch}")
+        args.grad_accum = args.global_batch // per_micro_batch
     classes, train_samples, val_samples = check_data(args.data)
     resume = ckpt = None
     if args.evaluate:
@@ -1323,7 +1443,7 @@ def check_inputs(args, restarts=0):
             raise UserError(f"{path} was trained on other classes than {args.data}/val")
         ckpt["path"] = path
     elif not (args.benchmark or args.benchmark_data):
-        resume = load_resume(args, args.batch_size * world * args.grad_accum, restarts)
+        resume = load_resume(args, world, restarts)
         if resume is not None and list(resume["classes"]) != list(classes):
             raise UserError(f"{resume['path']} was trained on other classes than those of {args.data}; "
                             f"resume it with its own data, or start a fresh run in another --out")
@@ -1376,7 +1496,7 @@ def fit(args, inputs, rank, world, device):
     with StopFlag() as stop:
         loop.stop, loop.t_run, loop.done0 = stop, time.time(), start_epoch * loop.sampler.steps + start_step
         for epoch in range(start_epoch, args.epochs):
-            sums = EpochSums(run, carry if epoch == start_epoch else None)
+            sums = EpochSums(run, carry if epoch == start_epoch else None, loop.train_set)
             loop.seen0, loop.time0 = sums.seen, sums.time_before
             stopped = train_one_epoch(run, loop, epoch, start_step if epoch == start_epoch else 0, sums)
             if stopped is not None:
@@ -1522,12 +1642,19 @@ def main(argv=None):
         if failed:
             return 2 if error is not None else fail(f"{failed} of {world} ranks failed their start-up checks (see above)")
         return run_stage(args, inputs, rank, world, device)
+    except DataError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            fail(e)
+        return 2
     except UserError as e:
         return fail(e)
     except Diverged as e:
         if int(os.environ.get("RANK", 0)) == 0:
             fail(e)
         return EXIT_DIVERGED
+    except M.WriteError as e:  # (only rank 0 writes)
+        fail(e)
+        return EXIT_WRITE_FAILED
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

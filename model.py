@@ -16,6 +16,8 @@ Besides the networks, this file holds what the scripts must never disagree on, a
 - the names of the 1,000 ImageNet classes by synset (n01440764 -> tench);
 - MatmulConv2d, the CPU bf16 speed-up for 3x3 convs on tiny maps that cifar.py and lrfind.py train with.
 """
+import errno
+import io
 import os
 import tempfile
 
@@ -195,29 +197,45 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated, unsafe or not one of ours."""
 
 
-def save_checkpoint(path, **state):
-    """Write atomically: a crash or preemption mid-write leaves the previous file intact.
+class WriteError(RuntimeError):
+    """A file that could not be written: a full disk, a quota, a read-only or forbidden folder."""
 
-    The bytes go to a temporary file in the same folder (same filesystem, so the rename is atomic),
-    are fsync'ed, then replace the target with os.replace.
+
+def atomic_write(path, data):
+    """Write bytes atomically: a crash, a preemption or a full disk mid-write leaves the previous file intact.
+
+    The bytes go to a temporary file in the same folder (same filesystem, so the rename is atomic), are
+    fsync'ed, then replace the target with os.replace. On failure no temporary file is left, and WriteError
+    names the file and the error (ENOSPC, EDQUOT, EROFS, EACCES, ...).
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    folder, tmp = os.path.dirname(os.path.abspath(path)), None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, "")
+        raise WriteError(f"cannot write {path}: {e.strerror or e}" + (f" ({code})" if code else "")) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def save_checkpoint(path, **state):
+    """Serialise in memory, then write atomically (atomic_write). (torch.save straight into a file on a full
+    disk fails as "unexpected pos 704 vs 598", naming neither the file nor the cause.)"""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getbuffer())
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -8,6 +8,7 @@ import ast
 import copy
 import importlib.util
 import csv
+import contextlib
 import json
 import math
 import os
@@ -1092,24 +1093,25 @@ def test_ddp_group_signal_with_workers_then_resume_is_bit_identical(ddp_referenc
 
 
 def test_ddp_resume_on_another_world_size(ddp_reference, inet_data, tmp_path, children):
-    """2 processes -> 1 process x --grad-accum 2, and 1 process x --grad-accum 2 -> 2 processes: the same batches
-    and global batch, so the weights end within float noise of the uninterrupted 2-process run (the gradients are
-    summed in another order, and BN's running statistics see the micro-batches in another order)."""
+    """The same command on another number of processes, as an elastic job or a requeue elsewhere runs it: 2
+    processes -> 1 (--resume auto alone: the checkpoint's global batch sets --grad-accum 2), and 1 -> 2 (--global-batch
+    8 on both). The same batches and global batch, so the weights end within float noise of the uninterrupted
+    2-process run (the gradients are summed in another order, and BN's running statistics see the micro-batches in
+    another order)."""
     ref_out, _ = ddp_reference
     two_to_one = tmp_path / "2to1"
     _interrupted_ddp(inet_data, two_to_one, signal.SIGTERM, children)
-    res = run_script("imagenet_ddp.py", "--data", inet_data, "--out", two_to_one, *DDP_COMMON, "--batch-size", "4",
-                     "--grad-accum", "2", "--resume", "auto")
+    res = run_script("imagenet_ddp.py", "--data", inet_data, "--out", two_to_one, *DDP_COMMON, "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming a 2-process run on 1 process(es) with --grad-accum 2" in res.stdout
+    assert "resuming a 2-process run on 1 process(es) with --grad-accum 2: the same global batch (8)" in res.stdout
     one_to_two = tmp_path / "1to2"
     c = children([sys.executable, os.path.join(HERE, "imagenet_ddp.py"), "--data", str(inet_data), "--out", str(one_to_two),
-                  *DDP_COMMON, "--grad-accum", "2"])
+                  *DDP_COMMON, "--global-batch", "8"])
     c.wait_for("epoch 1/2 step 5/12")
     c.signal_group(signal.SIGTERM)
     rc, text = c.finish()
     assert rc == 128 + signal.SIGTERM, text[-3000:]
-    res = torchrun(2, "--data", inet_data, "--out", one_to_two, *DDP_COMMON, "--resume", "auto")
+    res = torchrun(2, "--data", inet_data, "--out", one_to_two, *DDP_COMMON, "--global-batch", "8", "--resume", "auto")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ref = M.load_checkpoint(ref_out / "last.pt")
     for folder in (two_to_one, one_to_two):
@@ -1264,6 +1266,69 @@ def test_a_restarted_rank_waits_for_its_own_rank_0_not_the_name_the_last_attempt
     assert got["store"].get("written by") == b"rank 0"
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MB tmpfs of the test's own (mounting needs root: skipped, with the reason, where it is refused)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}): the full-disk tests need root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _pause_when_written(child, path, timeout=240):
+    """SIGSTOP the child's process group as soon as `path` appears (written atomically: whole when it appears)."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert child.proc.poll() is None and time.time() < deadline, "".join(child.lines)[-3000:]
+        time.sleep(0.02)
+    child.signal_group(signal.SIGSTOP)
+
+
+def _fill_disk(folder):
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for chunk in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * chunk)
+
+
+@pytest.mark.parametrize("trainer", ["imagenet_ddp", "cifar"])
+def test_a_full_or_read_only_disk_ends_the_run_in_one_line_and_keeps_last_pt(trainer, small_disk, inet_data, tmp_path,
+                                                                            children):
+    """imagenet_ddp.py (--save-every 3): the disk fills after the step-3 last.pt, so the step-6 one fails (ENOSPC).
+    cifar.py: the disk turns read-only after epoch 1, so epoch 2's metrics.jsonl fails (EROFS). Each run ends
+    with exit 4 and one line naming the file and the error, no temporary file is left, and last.pt is the one
+    written before, byte for byte. About 10 s each."""
+    out = small_disk / "run"
+    if trainer == "imagenet_ddp":
+        common = [("3" if a == "0" and DDP_COMMON[i - 1] == "--save-every" else a) for i, a in enumerate(DDP_COMMON)]
+        args = ["--data", inet_data, *common, "--workers", "1"]
+        failing, error = out / "last.pt", "No space left on device (ENOSPC)"
+    else:
+        args = ["--dataset", "cifar10", "--data-dir", write_tiny_cifar(tmp_path / "c", n_train=64, n_test=20),
+                "--epochs", "2", *CIFAR_FAST]
+        failing, error = out / "metrics.jsonl", "Read-only file system (EROFS)"
+    c = children([sys.executable, os.path.join(HERE, f"{trainer}.py"), *map(str, args), "--out", str(out)])
+    _pause_when_written(c, out / "last.pt")
+    kept = (out / "last.pt").read_bytes()
+    if trainer == "imagenet_ddp":
+        _fill_disk(small_disk)
+    else:
+        res = subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    c.signal_group(signal.SIGCONT)
+    rc, text = c.finish()
+    assert rc == 4 and "Traceback" not in text, text[-3000:]
+    assert [l for l in text.splitlines() if "error:" in l] == [f"{trainer}.py: error: cannot write {failing}: {error}"]
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    assert (out / "last.pt").read_bytes() == kept
+    ck = M.load_checkpoint(out / "last.pt")
+    assert (ck["epoch"], ck["step"]) == ((0, 3) if trainer == "imagenet_ddp" else (1, 0))
+
+
 def test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3(tmp_path, inet_data):
     """The loss turns non-finite in the first epoch: each trainer stops at the first log line after it (one process,
     and 2 under torchrun: every rank at the same step), prints one line naming the epoch, step, LR and precision and
@@ -1392,13 +1457,55 @@ def test_ddp_bad_inputs_single_process(capsys, tmp_path, inet_data):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_ddp_unreadable_image_named(capsys, tmp_path):
+def test_ddp_broken_photos_are_replaced_named_once_and_resume_exactly(tmp_path, children):
+    """A truncated and an empty JPEG among the training photos, an empty one among the validation photos, under
+    torchrun with 2 processes and --workers 2: each training photo is replaced (the run goes on), named once, and
+    counted in every epoch's metrics row; the validation photo is named once and left out of val_images. A run
+    stopped mid-epoch and resumed ends bit-identical to the uninterrupted one. About 45 s."""
+    data = write_image_folder(tmp_path / "d", per_class=(32, 3), size=40)
+    cat = sorted((data / "train" / "cat").iterdir())
+    cat[0].write_bytes(cat[0].read_bytes()[:300])  # truncated: the header reads, the pixels do not
+    cat[1].write_bytes(b"")
+    val_dog = sorted((data / "val" / "dog").iterdir())[0]
+    val_dog.write_bytes(b"")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    res = torchrun(2, "--data", data, "--out", whole, *DDP_COMMON)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for photo in cat[:2]:
+        assert len(re.findall(rf"{re.escape(str(photo))}: cannot read image.*; replaced by", res.stdout)) == 1, res.stdout
+    assert len(re.findall(rf"{re.escape(str(val_dog))}: cannot read image; left out", res.stdout)) == 1, res.stdout
+    rows = read_jsonl(whole / "metrics.jsonl")
+    assert [(r["broken_train_images"], r["val_images"]) for r in rows] == [(2, 8), (2, 8)]
+    _interrupted_ddp(data, stopped, signal.SIGTERM, children)
+    res = torchrun(2, "--data", data, "--out", stopped, *DDP_COMMON, "--resume", "auto")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = M.load_checkpoint(whole / "last.pt"), M.load_checkpoint(stopped / "last.pt")
+    for key in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "ema_updates"):
+        assert_state_equal(a[key], b[key])
+    got = read_jsonl(stopped / "metrics.jsonl")
+    assert [(r["broken_train_images"], r["val_images"], r["val_top1"]) for r in got] == [
+        (r["broken_train_images"], r["val_images"], r["val_top1"]) for r in rows]
+
+
+def test_ddp_broken_training_photos_past_the_limit_stop_the_run_in_one_line(capsys, tmp_path):
+    """Past --max-broken-images the run stops with one line naming the first few; a photo whose replacements are all
+    broken too stops it at once. In the main process and in a DataLoader worker (whose traceback wraps the error)."""
     write_image_folder(tmp_path / "d", per_class=(4, 2))
     (tmp_path / "d" / "train" / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    for workers in ("0", "1"):  # in the main process, and in a DataLoader worker (whose traceback wraps the error)
-        err = _ddp_error(capsys, "--data", tmp_path / "d", "--out", tmp_path / f"o{workers}", "--arch", "resnet18",
-                         "--image-size", "32", "--epochs", "1", "--batch-size", "2", "--workers", workers)
-        assert "zz_broken.jpg: cannot read image" in err and err.startswith("imagenet_ddp.py: error: "), err
+    common = ["--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "2"]
+    for workers in ("0", "1"):
+        err = _ddp_error(capsys, "--data", tmp_path / "d", "--out", tmp_path / f"o{workers}", *common, "--workers", workers,
+                         "--max-broken-images", "0")
+        assert err == ("imagenet_ddp.py: error: 1 training photos cannot be decoded (more than --max-broken-images 0), "
+                       f"among them {tmp_path / 'd' / 'train' / 'cat' / 'zz_broken.jpg'}: check the copy of the data set, "
+                       "or raise the limit"), err
+    write_image_folder(tmp_path / "all", per_class=(1, 1))
+    for photo in (tmp_path / "all" / "train").glob("*/*"):
+        photo.write_bytes(b"")
+    for workers in ("0", "1"):
+        err = _ddp_error(capsys, "--data", tmp_path / "all", "--out", tmp_path / f"a{workers}", *common, "--batch-size",
+                         "1", "--workers", workers)
+        assert "cannot be decoded, nor any of the 16 training photos drawn to replace it" in err, err
 
 
 def test_short_runs_cap_the_default_warm_up():
@@ -1501,8 +1608,8 @@ def test_train_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     args = imagenet_ddp.get_args(["--image-size", "32", "--train-size", "48", "--min-train-size", "32", "--ramp-epochs", "3", "4"])
     ds = imagenet_ddp.TrainSet(train, args)
     for i in range(len(train)):
-        x, y = ds[(3, i)]
-        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == train[i][1]
+        x, y, replaced = ds[(3, i)]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == train[i][1] and replaced == -1
         assert torch.equal(x, ds[(3, i)][0])  # same (seed, epoch, index): same pixels
         assert ds[(4, i)][0].shape == (3, 48, 48)  # the size follows the epoch
     assert not torch.equal(ds[(3, 0)][0], ds[(2, 0)][0])  # another epoch: another crop
@@ -1580,6 +1687,14 @@ def test_gpu_decode_path_draws_the_same_and_falls_back(tmp_path):
     bad = [(torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 garbage"), dtype=torch.uint8), *items[0][1:])] + items[1:]
     y = imagenet_ddp.gpu_augment(imagenet_ddp.collate_jpeg(bad), gpu_set, 1, torch.device("cpu"))
     assert torch.equal(y[0], cpu_set.cpu_pixels(1, 0)) and torch.equal(y[1:], x[1:])
+    # ... and a file that PIL cannot decode either (broken after the worker read its header) is replaced, label too
+    with open(train[0][0], "r+b") as f:
+        f.truncate(200)
+    _, source = cpu_set.readable(1, 0, cpu_set.cropped)
+    batch = imagenet_ddp.collate_jpeg(bad)
+    y = imagenet_ddp.gpu_augment(batch, gpu_set, 1, torch.device("cpu"))
+    assert source != 0 and batch[2][0] == train[source][1] and batch[3].tolist() == [0] + [-1] * (len(train) - 1)
+    assert y.shape == x.shape and torch.equal(y[1:], x[1:])
 
 
 def test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit(tmp_path):
@@ -1830,8 +1945,13 @@ def test_ddp_resume_refuses_other_classes_and_settings(inet_data, tmp_path, caps
     args = ["--data", inet_data, "--out", folder, *DDP_COMMON, "--resume", "auto"]
     assert "other classes" in _ddp_error(capsys, *args, "--grad-accum", "2")
     M.save_checkpoint(folder / "last.pt", **ck)
-    err = _ddp_error(capsys, *args)  # 1 process x batch 4 is not the run's global batch of 8
+    err = _ddp_error(capsys, *args, "--grad-accum", "1")  # 1 process x batch 4 is not the run's global batch of 8
     assert "global batch" in err and "8 (now 4)" in err
+    err = _ddp_error(capsys, *args, "--batch-size", "3")  # no --grad-accum makes 8 from batches of 3
+    assert "global batch of 8, which 1 process(es) x --batch-size 3 cannot make up" in err
+    assert "--global-batch 6 is not a multiple of --batch-size 4 x 1 process(es) = 4" in _ddp_error(
+        capsys, *args, "--global-batch", "6")
+    assert "not both" in _ddp_error(capsys, *args, "--global-batch", "8", "--grad-accum", "2")
     err = _ddp_error(capsys, *args, "--grad-accum", "2", "--epochs", "3")
     assert "--epochs 2 (not 3)" in err and "global batch" not in err
 
