@@ -104,6 +104,9 @@ def build_parser():
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     g.add_argument("--wd", type=float, default=5e-4, help="weight decay, not on BN and biases")
     g.add_argument("--warmup-frac", type=float, default=0.25, help="share of the steps spent raising the LR")
+    g.add_argument("--min-warmup-steps", type=int, default=50, metavar="N",
+                   help="the LR climbs to --lr over no fewer than N steps: a shorter warm-up peaks at lr x its steps / N "
+                        "(small data or few epochs; README: Results); 0 = off")
     g.add_argument("--div-factor", type=float, default=25.0, help="first LR = lr / div-factor")
     g.add_argument("--final-div-factor", type=float, default=1e4, help="last LR = first LR / final-div-factor")
     g.add_argument("--anneal", default="cos", choices=["cos", "linear"], help="One Cycle annealing shape")
@@ -145,6 +148,7 @@ def get_args(argv=None):
               (args.mixup >= 0 and args.cutmix >= 0, "--mixup/--cutmix alpha must be >= 0"),
               (args.cutout >= 0 and args.crop_pad >= 0, "--cutout/--crop-pad must be >= 0"),
               (0 <= args.ema < 1, "--ema must be in [0, 1)"), (0 < args.warmup_frac < 1, "--warmup-frac must be in (0, 1)"),
+              (args.min_warmup_steps >= 0, "--min-warmup-steps must be >= 0"),
               (args.div_factor > 0 and args.final_div_factor > 0, "--div-factor/--final-div-factor must be > 0"),
               (args.workers >= 1, "--workers must be >= 1"), (args.log_every >= 1, "--log-every must be >= 1"),
               (args.benchmark >= 0, "--benchmark must be >= 0")]
@@ -555,6 +559,14 @@ class Run:
     amp_dtype: object  # torch.bfloat16, torch.float16 or None (fp32)
 
 
+def peak_lr(args, total_steps):
+    """--lr, unless the warm-up is shorter than --min-warmup-steps: then the LR climbs as fast as it would over those
+    steps and stops there. The default 0.1 is for 100 epochs of 50,000 photos (a ~9,800-step warm-up); reached in
+    15 steps (4 epochs of 1,000 photos) it blows BN's statistics up (val_loss 8,589 after epoch 1, README)."""
+    warmup_steps = max(args.warmup_frac, 2 / (total_steps + 1)) * (total_steps + 1)
+    return args.lr * min(1.0, warmup_steps / max(args.min_warmup_steps, 1))
+
+
 def build_schedule(opt, args, total_steps):
     if total_steps < 3:
         raise UserError(f"the schedule has only {total_steps} steps: use more --epochs or a smaller --batch-size")
@@ -563,7 +575,7 @@ def build_schedule(opt, args, total_steps):
     # schedule. Stepped every iteration (+1: after every step, the last included); warm-up >= 2 steps.
     total = total_steps + 1
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=total, pct_start=max(args.warmup_frac, 2 / total), anneal_strategy=args.anneal,
+        opt, max_lr=peak_lr(args, total_steps), total_steps=total, pct_start=max(args.warmup_frac, 2 / total), anneal_strategy=args.anneal,
         div_factor=args.div_factor, final_div_factor=args.final_div_factor, cycle_momentum=args.momentum > 0,
         base_momentum=args.base_momentum, max_momentum=args.momentum)
 
@@ -804,6 +816,9 @@ def train(args):
           f"{steps_per_epoch} steps/epoch", flush=True)
     if args.benchmark:
         return benchmark(run, data, steps_per_epoch)
+    if peak_lr(args, total) < args.lr:
+        print(f"a warm-up of {args.warmup_frac * total:.0f} steps, under --min-warmup-steps {args.min_warmup_steps}: the LR "
+              f"peaks at {peak_lr(args, total):.3g}, not --lr {args.lr:g}", flush=True)
     start_epoch, start_step, best, carry = 0, 0, -1.0, None
     if resume is not None:
         restore_training_state(resume, run)

@@ -1386,8 +1386,7 @@ def restore_training_state(ckpt, run, log):
     world_was = ckpt.get("world_size", run.world)
     if world_was != run.world:
         log(f"resuming a {world_was}-process run on {run.world} process(es) with --grad-accum {run.args.grad_accum}: the "
-            f"same global batch ({ckpt['global_batch']}) and batches; the gradients are summed in another order, so "
-            f"results match within float noise")
+            f"same global batch ({ckpt['global_batch']}), batches and LR (README: resume on other hardware)")
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.updates = ckpt["ema_updates"]

@@ -715,6 +715,29 @@ def test_cifar_one_cycle_schedule_values(flags):
     assert opt.param_groups[0]["lr"] == pytest.approx(args.lr / args.div_factor / args.final_div_factor, rel=1e-6)
 
 
+def test_cifar_short_warm_ups_climb_no_faster_than_min_warmup_steps(tmp_path, children):
+    """The default --lr 0.1 is for 100 epochs of 50,000 photos; reached within a few steps, BN's statistics blow up.
+    A warm-up under --min-warmup-steps (50) peaks at lr x its steps / 50; the 100-epoch recipe's is untouched. End to
+    end, 2 epochs of 320 toy photos at batch 16 (a 10-step warm-up): the default learns, as well as a hand-picked
+    small LR within 15 points, where the uncapped 0.1 (--min-warmup-steps 0) ends at 30% (README: Results has the
+    same on CIFAR-10 photos). The two runs side by side, one core each: about 35 s."""
+    for steps, peak in ((60, 0.1 * 61 * 0.25 / 50), (100 * 390, 0.1)):
+        opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+        cifar.build_schedule(opt, cifar.get_args(["--out", "unused"]), steps)
+        assert opt.param_groups[0]["max_lr"] == pytest.approx(peak, rel=1e-9), steps
+    data = write_tiny_cifar(tmp_path / "toy", n_train=320, n_test=100)
+    runs = {name: children([sys.executable, os.path.join(HERE, "cifar.py"), "--dataset", "cifar10", "--data-dir", str(data),
+                            "--epochs", "2", "--batch-size", "16", "--workers", "1", "--out", str(tmp_path / name), "--json",
+                            *flags]) for name, flags in (("default", []), ("hand-picked", ["--lr", "0.01"]))}
+    top1 = {}
+    for name, c in runs.items():
+        rc, text = c.finish()
+        assert rc == 0, text[-3000:]
+        top1[name] = json.loads(text.splitlines()[-1])["val_top1"]
+        assert ("the LR peaks at 0.0205, not --lr 0.1" in text) == (name == "default"), text[-2000:]
+    assert top1["default"] >= max(80.0, top1["hand-picked"] - 15), top1
+
+
 def test_cifar_flags_reach_the_model_and_optimizer():
     make = lambda *f: cifar.build_run(cifar.get_args(["--out", "unused", "--amp", "off", *f]), 10, 100)
     base = make()
@@ -1067,7 +1090,7 @@ def _interrupted_ddp(inet_data, out, sig, children, nproc=2, extra=()):
     return stopped, text
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGINT])  # (SIGTERM to the group: test_ddp_broken_photos_are_replaced_...)
 def test_ddp_group_signal_with_workers_then_resume_is_bit_identical(ddp_reference, inet_data, tmp_path, children, sig):
     """After SIGINT, the resumed run is stopped again, by SIGTERM during epoch 1's validation (the "after the epoch"
     path), and resumed to the end: still bit-identical."""
@@ -1095,9 +1118,9 @@ def test_ddp_group_signal_with_workers_then_resume_is_bit_identical(ddp_referenc
 def test_ddp_resume_on_another_world_size(ddp_reference, inet_data, tmp_path, children):
     """The same command on another number of processes, as an elastic job or a requeue elsewhere runs it: 2
     processes -> 1 (--resume auto alone: the checkpoint's global batch sets --grad-accum 2), and 1 -> 2 (--global-batch
-    8 on both). The same batches and global batch, so the weights end within float noise of the uninterrupted
-    2-process run (the gradients are summed in another order, and BN's running statistics see the micro-batches in
-    another order)."""
+    8 on both). The same batches and global batch at the same threads per process, so the parameters end bit for
+    bit those of the uninterrupted 2-process run: its gradient, (g1 + g2) / 2, is what --grad-accum 2 sums as g1 / 2 +
+    g2 / 2, and halving is exact. (BN's running statistics see the micro-batches in another order.)"""
     ref_out, _ = ddp_reference
     two_to_one = tmp_path / "2to1"
     _interrupted_ddp(inet_data, two_to_one, signal.SIGTERM, children)
@@ -1116,9 +1139,9 @@ def test_ddp_resume_on_another_world_size(ddp_reference, inet_data, tmp_path, ch
     ref = M.load_checkpoint(ref_out / "last.pt")
     for folder in (two_to_one, one_to_two):
         got = M.load_checkpoint(folder / "last.pt")
-        for k, v in ref["model"].items():
-            if v.dtype.is_floating_point and "running" not in k:  # parameters; BN running statistics see other splits
-                assert torch.allclose(got["model"][k], v, rtol=1e-3, atol=1e-5), (folder.name, k)
+        for k, v in ref["model"].items():  # parameters: bit for bit (README: "Resume on other hardware")
+            if v.dtype.is_floating_point and "running" not in k:  # (BN running statistics see other splits)
+                assert torch.equal(got["model"][k], v), (folder.name, k)
         assert got["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
         assert got["scheduler"]["last_epoch"] == ref["scheduler"]["last_epoch"]
 
@@ -1242,6 +1265,36 @@ def test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_noth
     a, b = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(out / "last.pt")
     for key in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "ema_updates"):
         assert_state_equal(a[key], b[key])
+
+
+def test_an_elastic_job_goes_on_when_a_node_leaves_and_keeps_its_global_batch(ddp_reference, inet_data, tmp_path,
+                                                                           children):
+    """torchrun --nnodes=1:2 on two agents (one rank each); the node that does not host the c10d rendezvous dies whole
+    (SIGKILL to its agent, rank and workers) mid-epoch. The survivor's rank fails on its next all-reduce, torchrun re-forms a 1-node
+    world with the same command, and the rank resumes from last.pt with --grad-accum 2 derived from its global batch
+    of 8. Its parameters end bit for bit those of the uninterrupted 2-process run. About 35 s."""
+    ref_out, _ = ddp_reference
+    out = tmp_path / "run"
+    common = [("3" if a == "0" and DDP_COMMON[i - 1] == "--save-every" else a) for i, a in enumerate(DDP_COMMON)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1", "--max-restarts=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test",
+              "--rdzv-conf=last_call_timeout=2",  # (not the default 30 s wait for more nodes after each (re)start)
+              os.path.join(HERE, "imagenet_ddp.py"), "--data", str(inet_data), "--out", str(out), *common]
+    agents = [children(launch)]
+    time.sleep(2)  # the first agent hosts the c10d rendezvous (its store): the node that leaves is the other one
+    agents.append(children(launch))  # (both join the first round: 2 nodes, the most it allows)
+    survivor, leaving = agents
+    _find_rank(agents, 0)[0].wait_for("epoch 1/2 step 5/12")  # (only rank 0 logs)
+    leaving.kill()
+    rc, text = survivor.finish(timeout=300)
+    assert rc == 0, text[-3000:]
+    assert "torchrun restart 1: resuming from" in text, text[-3000:]
+    assert "resuming a 2-process run on 1 process(es) with --grad-accum 2: the same global batch (8)" in text, text[-3000:]
+    ref, got = M.load_checkpoint(ref_out / "last.pt"), M.load_checkpoint(out / "last.pt")
+    assert (got["epoch"], got["step"]) == (2, 0)
+    for k, v in ref["model"].items():
+        if v.dtype.is_floating_point and "running" not in k:
+            assert torch.equal(got["model"][k], v), k
 
 
 def test_a_restarted_rank_waits_for_its_own_rank_0_not_the_name_the_last_attempt_left(monkeypatch):
