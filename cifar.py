@@ -98,15 +98,17 @@ def build_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, default=128, help="images per step")
-    g.add_argument("--lr", type=float, default=0.1, help="One Cycle peak LR, for this batch size; see lrfind.py")
+    g.add_argument("--lr", type=float, default=None,
+                   help="One Cycle peak LR, for this batch size (default 0.1, lower for a short warm-up: "
+                        "--min-warmup-steps); see lrfind.py")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, the top of its cycle")
     g.add_argument("--base-momentum", type=float, default=0.85, help="bottom of the momentum cycle, reached at the peak LR")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     g.add_argument("--wd", type=float, default=5e-4, help="weight decay, not on BN and biases")
     g.add_argument("--warmup-frac", type=float, default=0.25, help="share of the steps spent raising the LR")
     g.add_argument("--min-warmup-steps", type=int, default=50, metavar="N",
-                   help="the LR climbs to --lr over no fewer than N steps: a shorter warm-up peaks at lr x its steps / N "
-                        "(small data or few epochs; README: Results); 0 = off")
+                   help="with the default --lr, the LR climbs to it over no fewer than N steps: a shorter warm-up peaks "
+                        "at 0.1 x its steps / N (small data or few epochs; README: Results); 0 = off")
     g.add_argument("--div-factor", type=float, default=25.0, help="first LR = lr / div-factor")
     g.add_argument("--final-div-factor", type=float, default=1e4, help="last LR = first LR / final-div-factor")
     g.add_argument("--anneal", default="cos", choices=["cos", "linear"], help="One Cycle annealing shape")
@@ -142,6 +144,8 @@ def build_parser():
 def get_args(argv=None):
     args = build_parser().parse_args(argv)
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.arch}")
+    args.default_lr = args.lr is None  # (an LR given by hand, from lrfind.py say, is used as given)
+    args.lr = 0.1 if args.lr is None else args.lr
     checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
               (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"),
               (args.wd >= 0, "--wd must be >= 0"), (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
@@ -560,10 +564,12 @@ class Run:
 
 
 def peak_lr(args, total_steps):
-    """--lr, unless the warm-up is shorter than --min-warmup-steps: then the LR climbs as fast as it would over those
-    steps and stops there. The default 0.1 is for 100 epochs of 50,000 photos (a ~9,800-step warm-up); reached in
+    """--lr, unless it is the default and the warm-up is shorter than --min-warmup-steps: then the LR climbs as fast
+    as it would over those steps and stops there. The default 0.1 is for 100 epochs of 50,000 photos (a ~9,800-step warm-up); reached in
     15 steps (4 epochs of 1,000 photos) it blows BN's statistics up (val_loss 8,589 after epoch 1, README)."""
     warmup_steps = max(args.warmup_frac, 2 / (total_steps + 1)) * (total_steps + 1)
+    if not args.default_lr:
+        return args.lr
     return args.lr * min(1.0, warmup_steps / max(args.min_warmup_steps, 1))
 
 

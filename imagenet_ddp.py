@@ -98,10 +98,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help: every flag's default, and the docstring's launch commands kept as written."""
 
 
-def build_parser():
-    p = Parser(description="DDP ResNet training on an ImageFolder data set (ImageNet).", formatter_class=HelpFormatter,
-               epilog="launch commands:\n" + __doc__.split("\n\n")[1])
-    g = p.add_argument_group("data")
+def add_data_flags(g):
     g.add_argument("--data", default="./data/imagenet", help="folder holding train/ and val/ (ImageFolder layout)")
     g.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes per rank (default: this rank's share of the CPU cores less one, "
@@ -123,6 +120,12 @@ def build_parser():
     g.add_argument("--augment-on", default="auto", choices=["auto", "workers", "device"],
                    help="where flip and colour jitter run (the same pixels either way); auto = the device on a GPU, "
                         "so the workers only decode, crop and resize")
+
+
+def build_parser():
+    p = Parser(description="DDP ResNet training on an ImageFolder data set (ImageNet).", formatter_class=HelpFormatter,
+               epilog="launch commands:\n" + __doc__.split("\n\n")[1])
+    add_data_flags(p.add_argument_group("data"))
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=list(M.ARCHS), help="network (ImageNet stem)")
     g.add_argument("--zero-init-residual", action="store_true", help="start every block as the identity (Goyal et al. 2017)")
