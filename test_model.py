@@ -1218,8 +1218,10 @@ def test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_noth
     """Two torchrun nodes (one rank each, c10d rendezvous, --max-restarts=1) and the OOM killer's SIGKILL on one
     rank mid-epoch (2 loader workers, started by a forkserver): nothing of that rank's tree (forkserver, resource
     tracker, workers) outlives it by more than a few seconds, both nodes restart their rank with the same command,
-    and both resume from the last --save-every checkpoint by themselves, although torchrun tells the healthy node's
-    rank it is restart 0. The run ends bit-identical to the uninterrupted one, every output pipe closed.
+    and both resume from the last --save-every checkpoint by themselves, also when torchrun tells the healthy node's
+    rank it is restart 0 (it does when that node's agent sees the other waiting before its own rank fails: a race;
+    test_every_rank_takes_the_highest_restart_count checks that case for sure). The run ends bit-identical to the
+    uninterrupted one, every output pipe closed.
     (Restarts also re-use torchrun's store, where the last attempt's addresses are left: see attempt_store.)"""
     ref_out, _ = ddp_reference
     out = tmp_path / "run"
@@ -1251,7 +1253,7 @@ def test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_noth
                 if found and found[0] != first_worker[a]:
                     counts[a] = int(found[1]["TORCHELASTIC_RESTART_COUNT"])
         time.sleep(0.1)
-    assert counts == {killed_agent: 1, logging_agent: 0}, f"torch counts restarts otherwise now ({counts}): revisit"
+    assert counts[killed_agent] == 1 and counts[logging_agent] in (0, 1), counts
     text = ""
     for a in agents:
         rc, lines = a.finish(timeout=300)  # (the output pipe must close: finish() reads it to its end)
@@ -1291,6 +1293,24 @@ def test_an_elastic_job_goes_on_when_a_node_leaves_and_keeps_its_global_batch(dd
     for k, v in ref["model"].items():
         if v.dtype.is_floating_point and "running" not in k:
             assert torch.equal(got["model"][k], v), k
+
+
+def test_every_rank_takes_the_highest_restart_count(tmp_path):
+    """torchrun counts restarts per node: a node whose rank did not fail restarts it as restart 0. Every rank must
+    resume when any was restarted, so each takes the highest count of all (2 gloo ranks told 0 and 1). About 6 s."""
+    script = tmp_path / "restarts.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {HERE!r})
+import torch.distributed as dist
+import imagenet_ddp
+os.environ["TORCHELASTIC_RESTART_COUNT"] = os.environ["RANK"]  # rank 1's node was restarted, rank 0's was not
+rank, world, device = imagenet_ddp.setup_distributed("cpu")
+print(f"rank {{rank}} restarts {{imagenet_ddp.torchrun_restarts(device)}}", flush=True)
+dist.destroy_process_group()
+""")
+    res = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 0 restarts 1" in res.stdout and "rank 1 restarts 1" in res.stdout, res.stdout
 
 
 def test_a_restarted_rank_waits_for_its_own_rank_0_not_the_name_the_last_attempt_left(monkeypatch):
