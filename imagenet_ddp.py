@@ -674,7 +674,7 @@ class TrainSet(torch.utils.data.Dataset):
     def readable(self, epoch, index, make):
         """(make(epoch, i), i) for the photo itself or, when it cannot be decoded, for the first of the others drawn
         from (seed, epoch, index) that can: the same replacement on every rank and after a resume, and a broken
-        file costs one step nothing but that photo (timm's loader skips it too)."""
+        file costs the run that photo alone (timm's loader skips such files too)."""
         rng = seeded(self.args.seed, epoch, index, 3)
         for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():
             try:
