@@ -1276,7 +1276,8 @@ def test_an_elastic_job_goes_on_when_a_node_leaves_and_keeps_its_global_batch(dd
     common = [("3" if a == "0" and DDP_COMMON[i - 1] == "--save-every" else a) for i, a in enumerate(DDP_COMMON)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1", "--max-restarts=1",
               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test",
-              "--rdzv-conf=last_call_timeout=2",  # (not the default 30 s wait for more nodes after each (re)start)
+              # (not the default 30 s wait for more nodes after each (re)start; above the 2 s between the agents' starts)
+              "--rdzv-conf=last_call_timeout=10",
               os.path.join(HERE, "imagenet_ddp.py"), "--data", str(inet_data), "--out", str(out), *common]
     agents = [children(launch)]
     time.sleep(2)  # the first agent hosts the c10d rendezvous (its store): the node that leaves is the other one
