@@ -55,40 +55,32 @@ import torch.nn.functional as F
 
 import model as M
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # scheduler/torchrun, Ctrl-C, SLURM's --signal=USR1@N
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's --signal=USR1@N
+EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
+EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (disk full, quota, read-only)
 
 
 class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
-
-
-class DataError(UserError):
-    """Bad data met during training, by every rank at the same step: rank 0 reports it."""
 
     def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
 
 
-EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
-EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (disk full, quota, read-only)
+class DataError(UserError):
+    """Bad data met during training, by every rank at the same step: rank 0 reports it."""
 
 
 class Diverged(Exception):
     """The training loss is not finite: the run stops with EXIT_DIVERGED and writes nothing from then on."""
 
 
-def diverged(run, epoch, step):
-    """The one line for a run whose loss turned non-finite (checked where the loop reads the loss anyway: log lines
-    and saves, so no step waits for the GPU), with what to try."""
-    amp = amp_name(run.amp_dtype)
-    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}.get(amp, "")
-    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} (lr {run.sched.get_last_lr()[0]:.4g}, "
-                    f"{amp}): the run diverged and stopped, and {run.args.out}/last.pt was not overwritten (it holds "
-                    f"the last finite state, if any). Try a lower --lr (lrfind.py suggests one){hint}")
-
-
+# ---------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise UserError(message)
@@ -210,8 +202,1070 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Runtime helpers (cifar.py carries its own copies: each script stands alone beside model.py)
+# main: every rank checks the inputs, they vote, then train (or evaluate, or time)
 # ---------------------------------------------------------------------------------------------------
+def main(argv=None):
+    def fail(msg):
+        print(f"imagenet_ddp.py: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+
+    args = error = None
+    try:
+        args = get_args(argv)
+    except UserError as e:
+        error = e
+    if error is not None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return fail(error)
+    try:
+        place = setup_distributed(args.device if args else "cpu", args.amp if args else "off")
+        restarts = torchrun_restarts(place.device)
+        try:
+            inputs = None if error else check_inputs(args, place, restarts)
+        except UserError as e:
+            error = e
+        if error is not None:
+            fail(error)
+        # Bad input fails on every rank, but torchrun kills all workers as soon as one exits with an error, which
+        # would cut the other ranks' error lines short. So a rank that failed prints first, then every rank votes
+        # here: all error lines are out before anyone exits, and ranks whose own checks passed exit too.
+        failed = int(all_sum([0.0 if error is None else 1.0], place.device)[0])
+        if failed:
+            return 2 if error is not None else fail(f"{failed} of {place.world} ranks failed their start-up checks (see above)")
+        return run_stage(args, inputs, place)
+    except DataError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            fail(e)
+        return 2
+    except UserError as e:
+        return fail(e)
+    except Diverged as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            fail(e)
+        return EXIT_DIVERGED
+    except M.WriteError as e:  # (only rank 0 writes)
+        fail(e)
+        return EXIT_WRITE_FAILED
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_stage(args, inputs, place):
+    if args.benchmark_data:
+        return benchmark_data(args, inputs, place)
+    if args.benchmark:
+        return benchmark(args, inputs, place)
+    if args.evaluate:
+        return evaluate_checkpoint(args, inputs, place)
+    return fit(args, inputs, place)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What every rank read and checked before the vote on them (check_inputs)."""
+    classes: list
+    train_samples: list  # [(path, label)]
+    val_samples: list
+    resume: dict = None  # the last.pt a training run continues from (None: a fresh start)
+    checkpoint: dict = None  # the checkpoint --evaluate scores
+
+
+def fit(args, inputs, place):
+    run, loop = start(args, inputs, place)
+    metrics = Metrics(args.out, loop.start_epoch if inputs.resume is not None else 0, args.tensorboard) if place.rank == 0 else None
+    summary = {}
+    with StopFlag() as stop:
+        loop.stop = stop
+        for epoch in range(loop.start_epoch, args.epochs):
+            resumed_epoch = epoch == loop.start_epoch
+            sums = EpochSums(run, loop.carry if resumed_epoch else None, loop.train_set)
+            loop.progress.epoch_begins(sums)
+            stopped = train_one_epoch(run, loop, epoch, loop.start_step if resumed_epoch else 0, sums)
+            if stopped is not None:
+                if place.rank == 0:
+                    print(stop.farewell(args.out, f"at epoch {epoch + 1} step {stopped}"), flush=True)
+                return 128 + (stop.signum or signal.SIGTERM)
+            row = end_of_epoch(run, loop, epoch, sums)
+            save_last(run, loop, epoch + 1, 0, {})
+            if place.rank == 0:
+                metrics.write(row)
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} val_top1 {row['val_top1']:.2f} "
+                      f"val_top5 {row['val_top5']:.2f} val_images {row['val_images']} img/s {row['train_img_per_s']:.1f} "
+                      f"data-wait {row['data_wait_pct']:.1f}% time {fmt_time(row['time_s'])}", flush=True)
+            summary = dict(row, best_val_top1=loop.best)
+            if all_sum([1.0 if stop else 0.0], place.device)[0] > 0 and epoch + 1 < args.epochs:
+                if place.rank == 0:
+                    print(stop.farewell(args.out, f"after epoch {epoch + 1}"), flush=True)
+                return 128 + (stop.signum or signal.SIGTERM)
+    if loop.start_epoch >= args.epochs and place.rank == 0:
+        print(f"{args.out}/last.pt already finished all {args.epochs} epochs", flush=True)
+    # every rank must hold the same weights and BN statistics, the EMA's included: a difference is a bug, not noise
+    nets = [run.model] + ([run.ema.module] if run.ema is not None else [])
+    in_sync = all([weights_fingerprint(net, place.device) for net in nets])  # (a list: every rank runs both)
+    if args.json and summary and place.rank == 0:
+        print(json.dumps(dict(summary, world_size=place.world, weights_in_sync=in_sync)), flush=True)
+    return 0 if in_sync else 1
+
+
+def start(args, inputs, place):
+    """Build the run and the loop from the checked inputs, and restore a resumed run. Returns (run, loop)."""
+    sampler = EpochBatches(len(inputs.train_samples), args.batch_size, place.world, place.rank, args.grad_accum, args.seed)
+    run = build_run(args, len(inputs.classes), sampler.steps, place)
+    train_set = TrainSet(inputs.train_samples, args, args.decode, augment_place(args, place.device))
+    loader = make_loader(train_set, args.workers, place.device, batch_sampler=sampler)
+    loop = Loop(sampler, train_set, loader, inputs.val_samples, inputs.classes)
+    log = (lambda msg: print(msg, flush=True)) if place.rank == 0 else (lambda msg: None)
+    log(f"data: {len(inputs.train_samples)} train / {len(inputs.val_samples)} val images, {len(inputs.classes)} classes; "
+        f"{place.world} process(es) on {place.device}, amp {amp_name(place.amp_dtype)}, global batch {sampler.global_batch}, "
+        f"peak lr {args.lr * sampler.global_batch / 256:.4f}, {sampler.steps} steps/epoch, train size {train_size_at(args, 0)}, "
+        f"val {args.val_size} (resize {args.val_resize}), {args.workers} workers, flip and jitter on the {train_set.augment_on}")
+    if args.warmup_note:
+        log(args.warmup_note)
+    if inputs.resume is not None:
+        restore_training_state(inputs.resume, run, log)
+        loop.best, loop.carry = inputs.resume["best_top1"], inputs.resume["epoch_sums"]
+        loop.start_epoch, loop.start_step = inputs.resume["epoch"], inputs.resume["step"]
+        log(f"resumed from {inputs.resume['path']} at epoch {loop.start_epoch + 1} step {loop.start_step}")
+    loop.progress = Progress(sampler.steps, args.epochs, loop.start_epoch, loop.start_step)
+    return run, loop
+
+
+# ---------------------------------------------------------------------------------------------------
+# The epoch loop and the step
+# ---------------------------------------------------------------------------------------------------
+def train_one_epoch(run, loop, epoch, start_step, sums):
+    """Runs until the epoch ends (returns None) or the ranks agree to stop (returns the step they stopped after)."""
+    args, steps = run.args, loop.sampler.steps
+    run.ddp.train()
+    loop.sampler.set_epoch(epoch, start_step)
+    batches = DeviceBatches(loop.loader, loop.train_set, epoch, run.place.device)
+    vote = StopVote(run.place.device)
+    try:
+        for step in range(start_step, steps):
+            train_step(run, batches, step_mix(args, epoch, step, train_size_at(args, epoch)), sums)
+            sums.wait = batches.wait
+            sums.new_replaced += batches.replaced
+            batches.replaced = []
+            stop_now = vote.cast(bool(loop.stop))
+            done = step + 1
+            if done % args.log_every == 0 or done == steps:
+                log_progress(run, loop, epoch, done, sums)
+            if stop_now and done < steps:
+                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
+                return done
+            if args.save_every and done % args.save_every == 0 and done < steps:
+                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
+        return None
+    finally:
+        vote.settle()
+        batches.close()
+
+
+def train_step(run, batches, mix, sums):
+    """One optimizer step over --grad-accum micro-batches; DDP all-reduces the gradients once, on the last."""
+    args = run.args
+    run.opt.zero_grad(set_to_none=True)
+    for m in range(args.grad_accum):
+        x_u8, y = next(batches)
+        x, lam = mix_batch(M.normalize(x_u8, M.IMAGENET_MEAN, M.IMAGENET_STD, args.channels_last), mix)
+        sync = m == args.grad_accum - 1 or run.place.world == 1
+        with run.ddp.no_sync() if not sync else contextlib.nullcontext():
+            with autocast(run.place.device, run.place.amp_dtype):
+                logits = run.fwd(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y.flip(0), label_smoothing=args.label_smoothing)
+            run.scaler.scale(loss / args.grad_accum).backward()
+        sums.add(loss.detach(), len(y))
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    sums.seen += args.batch_size * args.grad_accum * run.place.world
+
+
+def step_mix(args, epoch, step, size):
+    """The MixUp/CutMix draw of a whole step (all ranks and micro-batches alike), from (seed, epoch, step)."""
+    if args.mixup <= 0 and args.cutmix <= 0:
+        return None
+    r = M.seeded(args.seed, epoch, step, M.Stream.MIX)
+    kind = "mixup" if args.mixup > 0 and (args.cutmix == 0 or r.random() < 0.5) else "cutmix"
+    alpha = args.mixup if kind == "mixup" else args.cutmix
+    return kind, float(r.beta(alpha, alpha)), r.integers(0, size, size=2)
+
+
+def mix_batch(x, mix):
+    """MixUp (Zhang et al. 2017) or CutMix (Yun et al. 2019) with the batch's mirror image (x.flip(0)), as timm
+    does: no extra permutation to store. Returns the mixed batch and the weight of the own label."""
+    if mix is None:
+        return x, 1.0
+    kind, lam, center = mix
+    if kind == "mixup":
+        return x * lam + x.flip(0) * (1 - lam), lam
+    H, W = x.shape[2:]
+    cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+    y0, y1 = max(int(center[0]) - cut_h // 2, 0), min(int(center[0]) + cut_h // 2, H)
+    x0, x1 = max(int(center[1]) - cut_w // 2, 0), min(int(center[1]) + cut_w // 2, W)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+    return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted, after clipping
+
+
+class EpochSums:
+    """An epoch's running loss, summed on the device and read over all ranks only at log lines and epoch ends, so
+    no step waits for the GPU. seen counts images over all ranks; state() is what last.pt carries."""
+
+    def __init__(self, run, carry=None, train_set=None):
+        carry = carry or {"loss": 0.0, "seen": 0, "time": 0.0, "wait": 0.0}
+        self.run, self.carried_loss, self.train_set = run, float(carry["loss"]), train_set
+        self.replaced, self.new_replaced = set(carry.get("replaced", [])), []  # broken photos: indices, all ranks
+        self.local_loss = torch.zeros((), dtype=torch.float64, device=run.place.device)
+        self.seen, self.time_before, self.wait_before, self.t0 = int(carry["seen"]), carry["time"], carry["wait"], time.time()
+        self.wait = 0.0  # this session's data-wait
+
+    def add(self, loss, n):
+        self.local_loss += loss.double() * n
+
+    def state(self):
+        loss = all_sum([self.local_loss.item()], self.run.place.device)[0]
+        self.replaced.update(gathered(self.new_replaced, self.run.place.world))
+        self.new_replaced = []
+        if self.train_set is not None:
+            say_broken(self.run, self.train_set, self.replaced)
+        return {"loss": self.carried_loss + loss, "seen": self.seen, "time": self.time_before + time.time() - self.t0,
+                "wait": self.wait_before + self.wait, "replaced": sorted(self.replaced)}
+
+
+def finite_sums(run, sums, epoch, step):
+    """The epoch's running sums (under DDP an all_reduce, which every rank runs at the same steps: any rank's NaN makes
+    the sum's, so all ranks stop together on a non-finite loss)."""
+    s = sums.state()
+    if not math.isfinite(s["loss"]):
+        raise diverged(run, epoch, step)
+    return s
+
+
+def diverged(run, epoch, step):
+    """The one line for a run whose loss turned non-finite (checked where the loop reads the loss anyway: log lines
+    and saves, so no step waits for the GPU), with what to try."""
+    amp = amp_name(run.place.amp_dtype)
+    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}.get(amp, "")
+    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} (lr {run.sched.get_last_lr()[0]:.4g}, "
+                    f"{amp}): the run diverged and stopped, and {run.args.out}/last.pt was not overwritten (it holds "
+                    f"the last finite state, if any). Try a lower --lr (lrfind.py suggests one){hint}")
+
+
+def log_progress(run, loop, epoch, done, sums):
+    s = finite_sums(run, sums, epoch, done)
+    if run.place.rank == 0:
+        steps, args = loop.sampler.steps, run.args
+        print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps} loss {s['loss'] / max(s['seen'], 1):.4f} "
+              f"lr {run.sched.get_last_lr()[0]:.5f} img/s {loop.progress.rate(s):.1f} "
+              f"data-wait {100 * s['wait'] / max(s['time'], 1e-9):.1f}% eta {fmt_time(loop.progress.eta(epoch, done))}", flush=True)
+
+
+@dataclasses.dataclass
+class Loop:
+    """What the epoch loop carries besides the Run: the data and its loader, where it starts (a resumed run: the
+    step after the checkpoint's, and that epoch's running sums), the stop flag, the best top-1 so far, the clock."""
+    sampler: "EpochBatches"
+    train_set: "TrainSet"
+    loader: torch.utils.data.DataLoader
+    val_samples: list
+    classes: list
+    start_epoch: int = 0
+    start_step: int = 0
+    carry: dict = None  # the resumed epoch's running sums (EpochSums.state())
+    best: float = -1.0
+    stop: object = None  # the StopFlag, once the loop runs
+    progress: object = None  # the Progress clock of the log lines
+
+
+class Progress:
+    """The clock of the log lines, from this session's own steps (a resumed run's first part may have run on other
+    hardware): img/s over the images of the current epoch since this session met it, and the time left."""
+
+    def __init__(self, steps_per_epoch, epochs, start_epoch, start_step):
+        self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
+        self.done0, self.t0 = start_epoch * steps_per_epoch + start_step, time.time()
+        self.seen0 = self.time0 = 0
+
+    def epoch_begins(self, sums):
+        """sums: the epoch's EpochSums, holding what a resumed epoch had already seen and taken."""
+        self.seen0, self.time0 = sums.seen, sums.time_before
+
+    def rate(self, state):
+        return (state["seen"] - self.seen0) / max(state["time"] - self.time0, 1e-9)
+
+    def eta(self, epoch, done):
+        so_far = epoch * self.steps + done
+        return (time.time() - self.t0) / max(so_far - self.done0, 1) * (self.total - so_far)
+
+
+def say_broken(run, train_set, indices):
+    """Name each broken training photo once (rank 0), and stop the run (every rank: they all hold the same indices)
+    once more than --max-broken-images of them have been met."""
+    for i in sorted(indices):
+        path = train_set.samples[i][0]
+        if path not in train_set.broken and run.place.rank == 0:
+            try:
+                M.open_rgb(path)
+                reason = f"{path}: cannot read image"
+            except M.ImageError as e:
+                reason = str(e)
+            print(f"{reason}; replaced by another training photo drawn from (seed, epoch, index), the same on every "
+                  f"rank and resume ({len(train_set.broken) + 1} broken so far)", flush=True)
+        train_set.broken.add(path)
+    limit = run.args.max_broken_images
+    if limit is None:
+        limit = max(10, len(train_set.samples) // 1000)
+    if len(train_set.broken) > limit:
+        names = ", ".join(sorted(train_set.broken)[:3])
+        raise DataError(f"{len(train_set.broken)} training photos cannot be decoded (more than --max-broken-images "
+                        f"{limit}), among them {names}: check the copy of the data set, or raise the limit")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: every validation photo exactly once over all ranks
+# ---------------------------------------------------------------------------------------------------
+def end_of_epoch(run, loop, epoch, sums):
+    """Make BN statistics (live and EMA) one across ranks, evaluate, save best.pt. Returns the metrics row."""
+    args = run.args
+    s = sums.state()
+    all_average_([b for b in run.model.buffers()], run.place.world)  # (DDP copies rank 0's buffers at each forward only)
+    if run.ema is not None:
+        all_average_([b for b in run.ema.module.buffers()], run.place.world)
+    t_eval = time.time()
+    net = run.ema.module if run.ema is not None else run.model
+    res = evaluate(net, loop.val_samples, args, run.place, args.val_size, args.val_resize)
+    row = dict(epoch=epoch + 1, lr=run.sched.get_last_lr()[0], train_loss=s["loss"] / max(s["seen"], 1),
+               train_img_per_s=s["seen"] / max(s["time"], 1e-9), data_wait_pct=100.0 * s["wait"] / max(s["time"], 1e-9),
+               train_size=train_size_at(args, epoch), broken_train_images=len(s["replaced"]), **res,
+               time_s=s["time"] + time.time() - t_eval)
+    if res["val_top1"] > loop.best:
+        loop.best = res["val_top1"]
+        if run.place.rank == 0:
+            M.save_checkpoint(os.path.join(args.out, "best.pt"), model=run.model.state_dict(),
+                              ema=run.ema.state_dict() if run.ema else None, epoch=epoch + 1, val_top1=loop.best,
+                              **rebuild_info(args, loop.classes))
+    return row
+
+
+@torch.no_grad()
+def evaluate(net, samples, args, place, size, resize):
+    """Loss, top-1 and top-5 over samples at (size, resize), each photo on exactly one rank; broken photos named once
+    and left out of the figures (val_images counts the others)."""
+    net.eval()
+    mine = list(range(place.rank, len(samples), place.world))  # a strided split, no padding: each image on one rank
+    loader = make_loader(torch.utils.data.Subset(EvalSet(samples, size, resize), mine), min(args.workers, 4),
+                         place.device, batch_size=args.batch_size)
+    sums = torch.zeros(4, dtype=torch.float64, device=place.device)
+    broken, first = [], 0
+    with stop_signals_blocked():
+        batches = iter(loader)
+    for x, y in batches:
+        broken += [samples[mine[first + j]][0] for j in (y < 0).nonzero().flatten().tolist()]  # (on the host)
+        first += len(y)
+        x = M.normalize(x.to(place.device, non_blocking=True), M.IMAGENET_MEAN, M.IMAGENET_STD, args.channels_last)
+        y = y.to(place.device, non_blocking=True)
+        valid = y >= 0
+        with autocast(place.device, place.amp_dtype):
+            logits = net(x).float()
+        pred = logits.topk(min(5, logits.shape[1]), 1).indices  # (label -1 matches no prediction)
+        loss = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
+        sums += torch.stack([(loss * valid).sum().double(), (pred[:, 0] == y).sum().double(),
+                             (pred == y[:, None]).any(1).sum().double(), valid.sum().double()])
+    loss_sum, top1, top5, n = all_sum(sums.tolist(), place.device)
+    for path in gathered(broken, place.world):
+        if place.rank == 0 and path not in SAID_BROKEN:
+            print(f"{path}: cannot read image; left out of the validation figures (val_images)", flush=True)
+        SAID_BROKEN.add(path)
+    return dict(val_loss=loss_sum / max(n, 1), val_top1=100.0 * top1 / max(n, 1), val_top5=100.0 * top5 / max(n, 1),
+                val_images=int(n))
+
+
+SAID_BROKEN = set()  # the broken photos already named in the log
+
+
+def evaluate_checkpoint(args, inputs, place):
+    ckpt = inputs.checkpoint
+    pre = M.preprocessing(ckpt)
+    net = M.model_from_checkpoint(ckpt, path=ckpt["path"]).to(place.device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    res = evaluate(net, inputs.val_samples, args, place, pre["size"], pre["resize"])
+    if place.rank == 0:
+        print(json.dumps(dict(res, checkpoint=ckpt["path"], val_size=pre["size"], val_resize=pre["resize"])), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's pieces: network, optimizer, schedule, loss scaler, EMA, built once
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    args: argparse.Namespace
+    model: torch.nn.Module  # the unwrapped network; checkpoints hold its weights
+    ddp: torch.nn.Module  # model wrapped in DistributedDataParallel (or model itself on one process)
+    fwd: torch.nn.Module  # what a step calls: ddp, or torch.compile(ddp)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: object  # EMA or None
+    place: "Place"  # rank, world, device, autocast precision
+
+
+def build_run(args, num_classes, steps_per_epoch, place):
+    world, device = place.world, place.device
+    model = build_network(args, num_classes, world, device)
+    peak_lr = args.lr * args.batch_size * world * args.grad_accum / 256  # linear scaling rule (Goyal et al. 2017)
+    opt = torch.optim.SGD(param_groups(model, args.wd), lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
+    sched = build_schedule(opt, args, steps_per_epoch, peak_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=place.amp_dtype == torch.float16)
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Compiling the DDP-wrapped module lets TorchDynamo's DDPOptimizer split the graph at DDP's bucket boundaries,
+    # so each bucket's all-reduce starts while the backward pass is still running.
+    fwd = torch.compile(ddp, mode=args.compile) if args.compile else ddp
+    return Run(args, model, ddp, fwd, opt, sched, scaler, ema, place)
+
+
+def build_network(args, num_classes, world, device):
+    """The unwrapped network: seeded init, memory format, and BatchNorm synchronised across processes with --sync-bn
+    (per-GPU batches of 32 or less give noisy batch statistics; SyncBatchNorm computes them over the global batch).
+    SyncBatchNorm keeps BatchNorm's parameter names, so its checkpoints load into a plain model."""
+    torch.manual_seed(args.seed)
+    model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_schedule(opt, args, steps_per_epoch, peak_lr):
+    total = args.epochs * steps_per_epoch
+    warm = int(args.warmup_epochs * steps_per_epoch)
+    if total < 3:
+        raise UserError(f"the schedule has only {total} steps: use more --epochs or a smaller batch")
+    if args.schedule == "onecycle":  # (warm-up >= 2 steps: OneCycleLR divides by the warm-up length)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr, total_steps=total + 1,
+                                                   pct_start=max(warm, 2) / (total + 1), div_factor=25.0,
+                                                   final_div_factor=1e4, cycle_momentum=args.momentum > 0,
+                                                   base_momentum=0.85, max_momentum=args.momentum)
+
+    def factor(step):  # linear warm-up from ~0 (Goyal et al. 2017), then half-cosine to 0 (Loshchilov & Hutter 2016)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def param_groups(model, wd):
+    """No weight decay on BN parameters and biases: decaying them only fights normalisation."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EMA:
+    """Exponential moving average of the weights and BN statistics (Polyak averaging). Evaluating the average rather
+    than the last iterate smooths out SGD noise (typically +0.3-1% top-1 on short schedules); the decay ramps up as
+    (1+n)/(10+n), so early averages are not dominated by the random init. Under DDP each rank averages its own BN
+    statistics, and the epoch's end makes them one. One foreach kernel per tensor group, not one per tensor."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+        pairs = list(zip(self.module.buffers(), model.buffers()))
+        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)
+        for e, m in pairs:
+            if not e.dtype.is_floating_point:  # BN's num_batches_tracked
+                e.copy_(m)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: one global order per epoch, each photo's augmentation drawn from (seed, epoch, index)
+# ---------------------------------------------------------------------------------------------------
+def check_data(root):
+    """List train/ and val/ and check they agree. Every rank runs this before any collective, so bad data
+    makes every rank exit at once instead of leaving the others waiting."""
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise UserError(f"{root} has no {split}/ folder (expected {root}/train/<class>/* and {root}/val/<class>/*)")
+    try:
+        classes, train = M.list_image_folder(os.path.join(root, "train"))
+        val_classes, val = M.list_image_folder(os.path.join(root, "val"))
+    except M.FolderError as e:
+        raise UserError(str(e)) from None
+    if val_classes != classes:
+        diff = sorted(set(classes) ^ set(val_classes))
+        raise UserError(f"train/ and val/ have different classes (e.g. {', '.join(diff[:3])})")
+    return classes, train, val
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches of (epoch, index) for one epoch, starting at a given global batch.
+
+    Global batch b of an epoch is order[b*G:(b+1)*G] with G = batch x world x accum; micro-batch m of rank r
+    is the slice [(m*world + r)*batch : ... + batch] of it. The ragged end of the epoch is dropped.
+    """
+
+    def __init__(self, n, batch, world, rank, accum, seed):
+        self.n, self.batch, self.world, self.rank, self.accum, self.seed = n, batch, world, rank, accum, seed
+        self.global_batch = batch * world * accum
+        self.steps = n // self.global_batch
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step
+
+    def __len__(self):
+        return (self.steps - self.start) * self.accum
+
+    def __iter__(self):
+        order = M.seeded(self.seed, self.epoch, M.Stream.ORDER).permutation(self.n)
+        for step in range(self.start, self.steps):
+            g = order[step * self.global_batch:(step + 1) * self.global_batch]
+            for m in range(self.accum):
+                lo = (m * self.world + self.rank) * self.batch
+                yield [(self.epoch, int(i)) for i in g[lo:lo + self.batch]]
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Items are (epoch, index) pairs, so each image's augmentation is a function of (seed, epoch, index), and its
+    size a function of the epoch. decode="cpu": PIL decodes (reduced-size JPEG decoding when the crop allows it),
+    crops and resizes in the worker; flip and colour jitter run there too (augment_on="workers"), or on the device
+    (augment_on="device": the worker returns its draws beside the pixels, and flip_jitter() applies them, bit for bit
+    as PIL would). decode="gpu": the worker reads the JPEG's bytes and header and draws the augmentation;
+    gpu_augment() does the rest on the device."""
+
+    REPLACEMENT_DRAWS = 16
+
+    def __init__(self, samples, args, decode="cpu", augment_on="workers"):
+        self.samples, self.args, self.decode, self.augment_on = samples, args, decode, augment_on
+        self.broken = set()  # (the main process's) training photos met that cannot be decoded
+
+    def __len__(self):
+        return len(self.samples)
+
+    def draw(self, epoch, index, width, height):
+        return draw_augmentation(self.args, epoch, index, width, height)
+
+    def __getitem__(self, item):
+        """The item's fields, then the index of the photo that could not be decoded and was replaced (-1: none)."""
+        epoch, index = item
+        fields, source = self.readable(epoch, index, self.fields)
+        return (*fields, -1 if source == index else index)
+
+    def readable(self, epoch, index, make):
+        """(make(epoch, i), i) for the photo itself or, when it cannot be decoded, for the first of the others drawn
+        from (seed, epoch, index) that can: the same replacement on every rank and after a resume, and a broken
+        file costs the run that photo alone (timm's loader skips such files too)."""
+        rng = M.seeded(self.args.seed, epoch, index, M.Stream.REPLACEMENT)
+        for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():
+            try:
+                return make(epoch, source), source
+            except M.ImageError:
+                continue
+        raise UserError(f"{self.samples[index][0]} cannot be decoded, nor any of the {self.REPLACEMENT_DRAWS} "
+                        f"training photos drawn to replace it")
+
+    def fields(self, epoch, index):
+        if self.decode == "gpu":
+            return self.jpeg_item(epoch, index)
+        if self.augment_on == "device":
+            im, d = self.cropped(epoch, index)
+            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), self.samples[index][1]
+        return self.cpu_pixels(epoch, index), self.samples[index][1]
+
+    def cropped(self, epoch, index):
+        """The worker's share: decode, crop and resize to the epoch's size. Returns the PIL image and its draws."""
+        return crop_photo(self.args, epoch, index, self.samples[index][0], train_size_at(self.args, epoch))
+
+    def cpu_pixels(self, epoch, index):
+        """uint8 [3, size, size]: the crop, flipped and colour-jittered in the worker (PIL)."""
+        return pil_to_chw(flip_jitter_pil(*self.cropped(epoch, index)))
+
+    def jpeg_item(self, epoch, index):
+        """(payload, draws row, label): payload = the file's bytes for nvjpeg, or, for what nvjpeg cannot decode
+        (PNG, CMYK JPEG, ...), the crop from the CPU path (flip and jitter still to come, on the device)."""
+        from PIL import Image
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                fmt, mode, (W, H) = im.format, im.mode, im.size
+        except Exception as e:
+            raise M.ImageError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None
+        if fmt != "JPEG" or mode not in ("RGB", "L"):
+            im, d = self.cropped(epoch, index)
+            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), label
+        with open(path, "rb") as f:
+            payload = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return payload, torch.tensor([float(index)] + self.draw(epoch, index, W, H).as_row()), label
+
+
+def train_size_at(args, epoch):
+    """The training crop size of an epoch. Progressive resizing (FFCV's ResNet recipes): --min-train-size until
+    epoch START, then linearly up to --train-size at epoch END, in steps of 32 pixels, FFCV's rounding."""
+    if args.min_train_size is None:
+        return args.train_size
+    start, end = args.ramp_epochs
+    size = float(np.interp(epoch, [start, end], [args.min_train_size, args.train_size]))
+    return int(max(16, round(size / 32) * 32)) if size not in (args.min_train_size, args.train_size) else int(size)
+
+
+def sample_crop(rng, width, height, min_scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (Szegedy et al. 2015, as in torchvision): area fraction U(min_scale, 1),
+    log-uniform aspect ratio, 10 tries, else a center crop clamped to the ratio range."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(*log_r))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def draw_augmentation(args, epoch, index, width, height):
+    """Everything random about training photo `index` of `epoch` (a width x height photo), from (seed, epoch, index)."""
+    rng = M.seeded(args.seed, epoch, index, M.Stream.IMAGE)
+    box = sample_crop(rng, width, height, args.min_scale)
+    flip = bool(rng.random() < 0.5)
+    j = args.color_jitter
+    factors = rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
+    return Draws(box, flip, factors, rng.permutation(3))
+
+
+def crop_photo(args, epoch, index, path, size):
+    """Decode the photo, crop its drawn box and resize it to size x size. Returns the PIL image and its Draws."""
+    from PIL import Image
+    d = []
+
+    def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
+        d.append(draw_augmentation(args, epoch, index, W, H))  # keeps the crop >= size on both sides
+        return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
+    im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: see TrainSet.readable())
+    d = d[0] if d else draw_augmentation(args, epoch, index, W, H)  # not a JPEG: smallest_size() was not called
+    x0, y0, w, h = d.box
+    sx, sy = im.size[0] / W, im.size[1] / H
+    return im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)), d
+
+
+def flip_jitter_pil(im, d):
+    """The crop's flip and ColorJitter (brightness, contrast, saturation in a random order, as torchvision's)."""
+    from PIL import Image, ImageEnhance
+    if d.flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if d.factors is not None:
+        enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        for i in d.order:
+            im = enhancers[i](im).enhance(float(d.factors[i]))
+    return im
+
+
+@dataclasses.dataclass
+class Draws:
+    """Everything random about one training image: the crop box in the original image, the flip, and the
+    brightness/contrast/saturation factors with their order. CPU and GPU decoding apply the same draws."""
+    box: tuple
+    flip: bool
+    factors: object  # np.ndarray of 3 factors, or None without jitter
+    order: np.ndarray
+
+    def as_row(self):
+        f = self.factors if self.factors is not None else np.ones(3)
+        return [*self.box, float(self.flip), *f, *self.order]
+
+
+def pil_to_chw(im):
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def augment_place(args, device):
+    """Where flip and colour jitter run: on a GPU they are a few elementwise kernels over the whole batch, and each
+    worker is left with decoding, cropping and resizing; on a CPU the workers keep them, in parallel with training."""
+    if args.decode == "gpu":
+        return "device"
+    if args.augment_on == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return args.augment_on
+
+
+def flip_jitter(x_u8, rows, jitter_on):
+    """Flip and ColorJitter of a uint8 [B, 3, H, W] batch on its device with the workers' draws (rows: index, box,
+    flip, 3 factors, their order), bit for bit what PIL's ImageEnhance gives in the worker: each step blends with its
+    degenerate image in float32 and truncates to 0..255, as PIL's Image.blend does; brightness blends with black,
+    contrast with the rounded mean grey level, saturation with the grey image (PIL's integer luma)."""
+    flip = rows[:, 5].to(x_u8.device) > 0.5
+    x = torch.where(flip[:, None, None, None], x_u8.flip(3), x_u8)
+    if not jitter_on:
+        return x
+    x = x.float()
+    factors = rows[:, 6:9].to(device=x.device, dtype=torch.float32)[:, :, None, None, None]
+    order = rows[:, 9:12].to(x.device).long()
+    blend = lambda degenerate, f: (degenerate + f * (x - degenerate)).clamp_(0, 255).floor_()
+    for position in range(3):  # all three candidates for every image, then each image keeps its own (no host sync)
+        i = x.to(torch.int32)
+        grey = ((i[:, 0:1] * 19595 + i[:, 1:2] * 38470 + i[:, 2:3] * 7471 + 32768) >> 16).float()
+        mean = grey.double().mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_().float()
+        out = (blend(torch.zeros_like(mean), factors[:, 0]), blend(mean, factors[:, 1]), blend(grey, factors[:, 2]))
+        k = order[:, position][:, None, None, None]
+        x = torch.where(k == 0, out[0], torch.where(k == 1, out[1], out[2]))
+    return x.to(torch.uint8)
+
+
+class EvalSet(torch.utils.data.Dataset):
+    """model.py's evaluation preprocessing: short side to resize, center crop size (what predict.py applies)."""
+
+    def __init__(self, samples, size, resize):
+        self.samples, self.size, self.resize = samples, size, resize
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            return M.eval_image(path, self.size, self.resize), label
+        except M.ImageError:  # left out of the figures (label -1), and named by evaluate()
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
+
+
+def make_loader(dataset, workers, device, batch_sampler=None, batch_size=1, context=None):
+    """Workers start per iterator (not persistent), so every epoch's end shuts them down cleanly."""
+    jpeg = isinstance(dataset, TrainSet) and dataset.decode == "gpu"
+    context = context or (worker_start_method() if workers > 0 else None)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, batch_sampler=batch_sampler,
+        num_workers=workers, worker_init_fn=functools.partial(worker_init, rank_pid=os.getpid()), pin_memory=device.type == "cuda" and not jpeg,
+        prefetch_factor=4 if workers > 0 else None, collate_fn=collate_jpeg if jpeg else None,
+        multiprocessing_context=context if workers > 0 else None)
+
+
+class DeviceBatches:
+    """The loader's micro-batches as uint8 images and labels on the device, one batch ahead: on CUDA the next
+    batch is copied (with --decode gpu: decoded and augmented) on a side stream while this one trains.
+    `wait` is the time spent waiting for the workers (data-wait)."""
+
+    def __init__(self, loader, train_set, epoch, device):
+        self.train_set, self.epoch, self.device, self.wait = train_set, epoch, device, 0.0
+        self.replaced = []  # indices of the broken photos replaced so far
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        with stop_signals_blocked():
+            self.it = iter(loader)
+        self.next = self._load()
+
+    def _load(self):
+        t = time.time()
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            return None
+        self.wait += time.time() - t
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if isinstance(batch[0], list):
+                x = gpu_augment(batch, self.train_set, self.epoch, self.device)
+            elif len(batch) == 4:  # --augment-on device: crops from the workers, flipped and jittered here
+                x = flip_jitter(batch[0].to(self.device, non_blocking=True), batch[1], self.train_set.args.color_jitter > 0)
+            else:
+                x = batch[0].to(self.device, non_blocking=True)
+            labels, replaced = batch[-2], batch[-1]
+            self.replaced += replaced[replaced >= 0].tolist()  # (CPU tensors: no device sync)
+            return x, labels.to(self.device, non_blocking=True)
+
+    def __next__(self):
+        batch = self.next
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for t in batch:
+                t.record_stream(torch.cuda.current_stream(self.device))
+        self.next = self._load()
+        return batch
+
+    def close(self):
+        self.it = self.next = None  # the iterator's end shuts its workers down
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up checks and checkpoints: what rebuilds the model (model.py's format) plus what resumes the run
+# ---------------------------------------------------------------------------------------------------
+def check_inputs(args, place, restarts=0):
+    """Everything that can fail on bad input (data, checkpoint, batch size, flags that cannot run here), done by
+    every rank before the vote on it. Returns the Inputs."""
+    world, cuda = place.world, place.device.type == "cuda"
+    if args.sync_bn and world > 1 and not cuda:
+        raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU/gloo kernels); leave it off on CPU")
+    if args.decode == "gpu" and not cuda:
+        raise UserError("--decode gpu needs a CUDA GPU (nvjpeg); use --decode cpu here")
+    if args.benchmark and world > 1:
+        raise UserError("--benchmark times one process: run it with python, not torchrun")
+    if args.global_batch is not None:
+        per_micro_batch = args.batch_size * world
+        if args.global_batch % per_micro_batch:
+            raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
+                            f"{world} process(es) = {per_micro_batch}")
+        args.grad_accum = args.global_batch // per_micro_batch
+    inputs = Inputs(*check_data(args.data))
+    classes = inputs.classes
+    if args.evaluate:
+        path = args.checkpoint or (os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume)
+        try:
+            ckpt = M.load_checkpoint(path)
+            M.model_from_checkpoint(ckpt, path=path)
+        except M.CheckpointError as e:
+            raise UserError(str(e)) from None
+        if list(ckpt["classes"]) != list(classes):
+            raise UserError(f"{path} was trained on other classes than {args.data}/val")
+        ckpt["path"] = path
+        inputs.checkpoint = ckpt
+    elif not (args.benchmark or args.benchmark_data):
+        resume = inputs.resume = load_resume(args, world, restarts)
+        if resume is not None and list(resume["classes"]) != list(classes):
+            raise UserError(f"{resume['path']} was trained on other classes than those of {args.data}; "
+                            f"resume it with its own data, or start a fresh run in another --out")
+    if not args.evaluate and len(inputs.train_samples) < args.batch_size * world * args.grad_accum:
+        raise UserError(f"the global batch ({args.batch_size * world * args.grad_accum}) is larger than train/ "
+                        f"({len(inputs.train_samples)} images)")
+    return inputs
+
+
+def rebuild_info(args, classes):
+    return dict(arch=args.arch, num_classes=len(classes), stem="imagenet", classes=list(classes),
+                class_names=M.readable_class_names(classes), mean=list(M.IMAGENET_MEAN), std=list(M.IMAGENET_STD),
+                image_size=args.val_size, eval_resize=args.val_resize, train_size=args.train_size,
+                dataset=os.path.basename(os.path.normpath(args.data)))
+
+
+def save_last(run, loop, epoch, step, sums_state):
+    """Rank 0 writes last.pt (atomically); every rank waits for it, so that nobody exits (and makes torchrun kill
+    the rest) before the file is complete."""
+    ema_ranks = ema_buffers_by_rank(run)
+    if run.place.rank == 0:
+        M.save_checkpoint(os.path.join(run.args.out, "last.pt"), **training_state(run), epoch=epoch, step=step,
+                          best_top1=loop.best, epoch_sums=sums_state, global_batch=loop.sampler.global_batch,
+                          world_size=run.place.world, ema_rank_buffers=ema_ranks, args=vars(run.args),
+                          **rebuild_info(run.args, loop.classes))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def ema_buffers_by_rank(run):
+    """Every rank's EMA BN statistics, flattened: between epoch ends each rank averages its own, so an exact resume
+    needs them all, not rank 0's alone (a collective: every rank calls it)."""
+    if run.ema is None:
+        return None
+    flat = torch.cat([b.detach().flatten() for b in run.ema.module.buffers() if b.dtype.is_floating_point])
+    parts = [torch.empty_like(flat) for _ in range(run.place.world)] if run.place.world > 1 else [flat]
+    if run.place.world > 1:
+        dist.all_gather(parts, flat)
+    return [p.cpu() for p in parts]
+
+
+def training_state(run):
+    """What evolves during training, for last.pt (the unwrapped model's weights: no module./_orig_mod.)."""
+    cuda = run.place.device.type == "cuda"
+    return dict(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None,
+                ema_updates=run.ema.updates if run.ema else 0, optimizer=run.opt.state_dict(),
+                scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(), amp=amp_name(run.place.amp_dtype),
+                # all randomness here comes from (seed, epoch, step or index), but code added later may draw from
+                # torch's; this process's own device only, so that a machine with fewer GPUs can restore it
+                rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state(run.place.device) if cuda else None)
+
+
+# Settings that fix the sequence of batches, sizes and LRs; a resumed run must use the same.
+RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule", "train_size", "min_train_size",
+                     "ramp_epochs", "min_scale", "color_jitter", "mixup", "cutmix", "ema", "label_smoothing")
+
+
+def load_resume(args, world, restarts=0):
+    """The checkpoint to resume from, or None for a fresh start. Without --grad-accum (or --global-batch), sets the
+    one that keeps the checkpoint's global batch on this world size. Raises UserError on anything wrong, before
+    anything is written."""
+    last = os.path.join(args.out, "last.pt")
+    if args.resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
+        args.resume = "auto"
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"torchrun restart {restarts}: resuming from {last} (--resume auto, implied)", flush=True)
+    if args.resume is None:
+        for f in (last, os.path.join(args.out, "best.pt")):
+            if os.path.exists(f):
+                raise UserError(f"{f} exists: pass --resume auto to continue that run, or choose another --out")
+        return None
+    path = last if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(path):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"no {path} yet: starting a fresh run", flush=True)
+        return None
+    try:
+        ckpt = M.load_checkpoint(path)
+    except M.CheckpointError as e:
+        raise UserError(str(e)) from None
+    if "optimizer" not in ckpt or "args" not in ckpt:
+        raise UserError(f"{path} is not an imagenet_ddp.py training checkpoint (no optimizer state); use --resume with a last.pt")
+    missing = [k for k in ("model", "scheduler", "scaler", "epoch", "step", "best_top1", "epoch_sums", "ema_updates")
+               if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete training checkpoint (missing {', '.join(missing)})")
+    if ckpt.get("arch") != args.arch:
+        raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    if args.keep_global_batch:  # another number of processes (elastic, a requeue elsewhere): keep the global batch
+        args.grad_accum = derived_grad_accum(ckpt.get("global_batch"), args.batch_size, world, path)
+    global_batch = args.batch_size * world * args.grad_accum
+    diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
+            if norm(ckpt["args"].get(k)) != norm(getattr(args, k))]
+    if ckpt.get("global_batch") != global_batch:
+        diff.append(f"a global batch (batch-size x processes x grad-accum) of {ckpt.get('global_batch')} (now {global_batch})")
+    if diff:
+        raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
+    ckpt["path"] = path
+    return ckpt
+
+
+def derived_grad_accum(global_batch, batch_size, world, path):
+    per_micro_batch = batch_size * world
+    if not global_batch or global_batch % per_micro_batch:
+        raise UserError(f"{path} was trained with a global batch of {global_batch}, which {world} process(es) x "
+                        f"--batch-size {batch_size} cannot make up: resume with another --batch-size or --global-batch")
+    return global_batch // per_micro_batch
+
+
+def restore_training_state(ckpt, run, log):
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.sched.load_state_dict(ckpt["scheduler"])
+    # A job may be requeued on other hardware: fp16 (V100, T4) to bf16 or back, or to fp32. Only fp16 keeps a
+    # GradScaler; a run switching to it starts with a fresh loss scale, a run leaving it drops the old one.
+    was = ckpt.get("amp", "fp16" if ckpt["scaler"] else "unknown")
+    if run.scaler.is_enabled() and ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if was != amp_name(run.place.amp_dtype):
+        log(f"resuming a {was} run in {amp_name(run.place.amp_dtype)}" + (": a fresh GradScaler starts the loss scale"
+                                                                    if run.scaler.is_enabled() else ""))
+    world_was = ckpt.get("world_size", run.place.world)
+    if world_was != run.place.world:
+        log(f"resuming a {world_was}-process run on {run.place.world} process(es) with --grad-accum {run.args.grad_accum}: the "
+            f"same global batch ({ckpt['global_batch']}), batches and LR (README: Resume)")
+    if run.ema is not None:
+        run.ema.module.load_state_dict(ckpt["ema"])
+        run.ema.updates = ckpt["ema_updates"]
+        restore_ema_rank_buffers(run, ckpt.get("ema_rank_buffers"))
+    if ckpt.get("rng_cpu") is not None:  # (absent in checkpoints of earlier versions)
+        torch.set_rng_state(ckpt["rng_cpu"])
+    if isinstance(ckpt.get("rng_cuda"), torch.Tensor) and run.place.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng_cuda"], run.place.device)
+
+
+def restore_ema_rank_buffers(run, parts):
+    """This rank's own EMA BN statistics; on another number of processes, their average (what the epoch's end makes)."""
+    if not parts:
+        return
+    flat = parts[run.place.rank] if len(parts) == run.place.world else torch.stack(parts).mean(0)
+    buffers = [b for b in run.ema.module.buffers() if b.dtype.is_floating_point]
+    for b, chunk in zip(buffers, torch.split(flat, [b.numel() for b in buffers])):
+        b.copy_(chunk.view_as(b))
+
+
+# ===================================================================================================
+# Operations: the machinery around the training story
+# (processes and devices, stopping, loader workers, GPU decoding, metrics and curves, benchmarks)
+# ===================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes and devices
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Place:
+    """Where this process runs: its rank among world processes, its device and autocast precision."""
+    rank: int
+    world: int
+    device: torch.device
+    amp_dtype: object  # torch.bfloat16, torch.float16 or None (fp32)
+
+
+def setup_distributed(device_name, amp):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process without a process group."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif world > 1:  # share the cores between the processes on this node, unless OMP_NUM_THREADS says otherwise
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // per_node))
+    if world > 1:
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world, device_id=device_id)
+        else:
+            dist.init_process_group(backend, device_id=device_id)
+    if rank != 0:
+        warnings.simplefilter("ignore")  # rank 0 speaks for all; the others would repeat every warning
+    return Place(rank, world, device, pick_amp(amp, device))
+
+
+def attempt_store(rank, timeout_s=1800):
+    """torchrun's store, seen through a namespace of this attempt alone.
+
+    torchrun keeps one store for all attempts of a run (torch 2.14), so after a restart a rank can read the
+    address the previous attempt's rank 0 left there and fail to connect (gloo: "connectFullMesh failed ...
+    Connection refused"; pytorch/pytorch#135712), whenever it gets there before the new rank 0. The restart
+    count cannot name the attempt either: torchrun counts per node. So rank 0 draws a fresh name, and each
+    other rank takes it only once rank 0 has echoed back the nonce this process drew: a name left by a dead
+    rank 0 never echoes."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    if rank == 0:
+        name = uuid.uuid4().hex
+        store.set("imagenet_ddp/attempt", name)
+        for r in range(1, int(os.environ["WORLD_SIZE"])):  # store.get waits for the key
+            store.set(f"{name}/echo/{r}", store.get(f"{name}/nonce/{r}"))
+        return dist.PrefixStore(name, store)
+    nonce, deadline = uuid.uuid4().hex.encode(), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        name = store.get("imagenet_ddp/attempt").decode()
+        store.set(f"{name}/nonce/{rank}", nonce)
+        if store.check([f"{name}/echo/{rank}"]) and store.get(f"{name}/echo/{rank}") == nonce:
+            return dist.PrefixStore(name, store)
+        time.sleep(0.05)
+    raise RuntimeError(f"rank {rank}: no rank 0 of this attempt answered in {timeout_s} s")
+
+
+def torchrun_restarts(device):
+    """How many times torchrun has restarted this run: the most any rank was told. torchrun counts per node, and
+    a node whose own ranks were healthy restarts them with a count of 0 (torch 2.14), so every rank must ask."""
+    count = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
+
+
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but CUDA is not available")
@@ -243,52 +1297,52 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def seeded(*ints):
-    """A numpy Generator that depends only on the given integers (seed, epoch, index, ...)."""
-    return np.random.default_rng(np.random.SeedSequence([int(i) for i in ints]))
+def all_sum(values, device):
+    """Sum a list of numbers over ranks, in float64 so counts stay exact."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
-def param_groups(model, wd):
-    """No weight decay on BN parameters and biases: decaying them only fights normalisation."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+def all_average_(tensors, world):
+    """Average floating-point tensors over ranks, in place."""
+    if world > 1:
+        for t in tensors:
+            if t.dtype.is_floating_point:
+                dist.all_reduce(t)
+                t.div_(world)
 
 
-class EMA:
-    """Exponential moving average of the weights and BN statistics (Polyak averaging), decay ramped as
-    (1+n)/(10+n). Under DDP each rank averages its own BN statistics, and average_across_ranks() makes them one
-    before the EMA model is evaluated or saved. One foreach kernel per tensor group, not one per tensor."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
-        pairs = list(zip(self.module.buffers(), model.buffers()))
-        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)
-        for e, m in pairs:
-            if not e.dtype.is_floating_point:  # BN's num_batches_tracked
-                e.copy_(m)
-
-    def state_dict(self):
-        return self.module.state_dict()
+def gathered(items, world):
+    """Every rank's list, concatenated in rank order (a collective when world > 1: every rank calls it)."""
+    if world == 1:
+        return list(items)
+    parts = [None] * world
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
 
 
-def fmt_time(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+def weights_fingerprint(model, device):
+    """(sum, sum of squares) of all weights and buffers in float64, compared across ranks: True when all ranks hold
+    the same numbers (on one process, trivially)."""
+    s = sum(p.detach().double().sum() for p in model.state_dict().values() if p.dtype.is_floating_point)
+    q = sum(p.detach().double().pow(2).sum() for p in model.state_dict().values() if p.dtype.is_floating_point)
+    t = torch.stack([s, q]).to(device)
+    if not dist.is_initialized():
+        return True
+    lo, hi = t.clone(), t.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Stopping: a signal sets a flag, and all ranks agree on the step to stop after
+# ---------------------------------------------------------------------------------------------------
 class StopFlag:
-    """SIGTERM, SIGINT and SIGUSR1 set a flag; the ranks finish the step, agree, save last.pt and exit with
-    128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank after the whole process
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step (under DDP, all ranks agree on the step),
+    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank after the whole process
     group got it; SLURM and Kubernetes signal the group): repeats only confirm the request, and the launcher's
     own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without a launcher, a second
     Ctrl-C kills at once."""
@@ -321,6 +1375,39 @@ class StopFlag:
                 f"continue with the same command plus --resume auto")
 
 
+class StopVote:
+    """All ranks must stop at the same step, but a signal may reach only some of them. Each step every rank adds
+    its flag to an all_reduce started asynchronously, and reads the result one step later, when it is long done:
+    the vote never makes a step wait for the GPU. Device-side constants avoid a host-to-device copy per step."""
+
+    def __init__(self, device):
+        self.flags = (torch.zeros(1, device=device), torch.ones(1, device=device))
+        self.pending = None
+
+    def cast(self, flag):
+        """Vote now; return the outcome of the previous step's vote."""
+        t = self.flags[bool(flag)].clone()
+        work = dist.all_reduce(t, async_op=True) if dist.is_initialized() else None
+        previous, self.pending = self.pending, (t, work)
+        return self._outcome(previous)
+
+    def settle(self):
+        previous, self.pending = self.pending, None
+        return self._outcome(previous)
+
+    @staticmethod
+    def _outcome(vote):
+        if vote is None:
+            return False
+        t, work = vote
+        if work is not None:
+            work.wait()
+        return t.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loader workers: started with the stop signals blocked, ignore them, end with their rank
+# ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Block the stop signals while DataLoader workers start: a worker inherits the blocked mask (fork, spawn and
@@ -377,6 +1464,85 @@ def kill_workers_left_at_exit():
             p.kill()
 
 
+_forkserver_started = False
+
+
+def worker_start_method():
+    """forkserver under a process group, fork otherwise. The process group's threads (gloo's run loop) take Python's
+    thread-state lock, so a rank that forks a worker while one holds it gives the child a lock nobody will release:
+    before Python 3.12 the child hangs in os.fork() for ever (CPython gh-112275). forkserver forks the workers from a
+    single-threaded server instead (Python 3.14's default on Linux), at the price of pickling the file list to each
+    worker; the server imports torch once, so later workers start as fast as forked ones (bench/README.md, "Loader
+    workers under a process group")."""
+    if not dist.is_initialized():
+        return None
+    global _forkserver_started
+    if not _forkserver_started:
+        # The server and its resource tracker live in the rank's process group, which launchers signal as a whole:
+        # started with the stop signals ignored (exec keeps an ignored disposition), they outlive a stop, as the
+        # workers do. This runs before the training loop's StopFlag, when a stop signal would still kill the rank.
+        multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        _forkserver_started = True
+    return "forkserver"
+
+
+# ---------------------------------------------------------------------------------------------------
+# --decode gpu: nvjpeg decodes, the device crops and resizes
+# ---------------------------------------------------------------------------------------------------
+def collate_jpeg(items):
+    payloads, rows, labels, replaced = zip(*items)
+    return list(payloads), torch.stack(rows), torch.tensor(labels), torch.tensor(replaced)
+
+
+def gpu_augment(batch, train_set, epoch, device):
+    """--decode gpu: decode the batch's JPEGs in one nvjpeg call on the device, then crop and resize each to the
+    epoch's size, and flip and jitter the batch with the draws its workers made. What nvjpeg refuses went through the
+    CPU crop instead (in the worker, or here when nvjpeg fails on a file it accepted; a file that cannot be decoded
+    at all is replaced here, its label and `replaced` entry updated in place)."""
+    import torchvision
+    payloads, rows, labels, replaced = batch
+    size = train_size_at(train_set.args, epoch)
+    out = [p.to(device) if p.dim() == 3 else None for p in payloads]  # crops the workers made on the CPU path
+    jpeg = [i for i, p in enumerate(payloads) if p.dim() == 1]
+    rgb = torchvision.io.ImageReadMode.RGB
+    try:
+        decoded = torchvision.io.decode_jpeg([payloads[i] for i in jpeg], device=device, mode=rgb)
+    except RuntimeError:  # one bad file fails the batched call: decode one by one, falling back per image
+        decoded = []
+        for i in jpeg:
+            try:
+                decoded.append(torchvision.io.decode_jpeg(payloads[i], device=device, mode=rgb))
+            except RuntimeError:  # (and a file that PIL cannot decode either is replaced, as in the workers)
+                decoded.append(None)
+                index = int(rows[i, 0])
+                im, source = train_set.readable(epoch, index, lambda e, j: train_set.cropped(e, j)[0])
+                out[i] = pil_to_chw(im).to(device)
+                if source != index:
+                    labels[i], replaced[i] = train_set.samples[source][1], index
+    for i, img in zip(jpeg, decoded):
+        if img is not None:
+            out[i] = crop_resize(img, rows[i], size)
+    return flip_jitter(torch.stack(out), rows, train_set.args.color_jitter > 0)
+
+
+def crop_resize(img, row, size):
+    """One decoded uint8 [3, H, W] image on the device -> its crop (row: index, x0, y0, w, h, ...) resized to
+    uint8 [3, size, size]."""
+    x0, y0, w, h = (int(v) for v in row[1:5])
+    x = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w].float(), size=(size, size), mode="bilinear",
+                      antialias=True, align_corners=False)[0]
+    return x.clamp(0, 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics and curves
+# ---------------------------------------------------------------------------------------------------
 class Metrics:
     """OUT/metrics.jsonl (one JSON object per epoch), OUT/curves.png (with matplotlib) and, optionally,
     TensorBoard scalars. A resumed run keeps the rows of the epochs it will not redo and redraws them all."""
@@ -455,1076 +1621,9 @@ def draw_curves(rows, path):
         print(f"{e}; the run goes on (the next checkpoint or metrics.jsonl write that fails ends it)", flush=True)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Distributed set-up
-# ---------------------------------------------------------------------------------------------------
-def setup_distributed(device_name):
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process without a process group."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    elif world > 1:  # share the cores between the processes on this node, unless OMP_NUM_THREADS says otherwise
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // per_node))
-    if world > 1:
-        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world, device_id=device_id)
-        else:
-            dist.init_process_group(backend, device_id=device_id)
-    if rank != 0:
-        warnings.simplefilter("ignore")  # rank 0 speaks for all; the others would repeat every warning
-    return rank, world, device
-
-
-def attempt_store(rank, timeout_s=1800):
-    """torchrun's store, seen through a namespace of this attempt alone.
-
-    torchrun keeps one store for all attempts of a run (torch 2.14), so after a restart a rank can read the
-    address the previous attempt's rank 0 left there and fail to connect (gloo: "connectFullMesh failed ...
-    Connection refused"; pytorch/pytorch#135712), whenever it gets there before the new rank 0. The restart
-    count cannot name the attempt either: torchrun counts per node. So rank 0 draws a fresh name, and each
-    other rank takes it only once rank 0 has echoed back the nonce this process drew: a name left by a dead
-    rank 0 never echoes."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=datetime.timedelta(seconds=timeout_s))
-    if rank == 0:
-        name = uuid.uuid4().hex
-        store.set("imagenet_ddp/attempt", name)
-        for r in range(1, int(os.environ["WORLD_SIZE"])):  # store.get waits for the key
-            store.set(f"{name}/echo/{r}", store.get(f"{name}/nonce/{r}"))
-        return dist.PrefixStore(name, store)
-    nonce, deadline = uuid.uuid4().hex.encode(), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        name = store.get("imagenet_ddp/attempt").decode()
-        store.set(f"{name}/nonce/{rank}", nonce)
-        if store.check([f"{name}/echo/{rank}"]) and store.get(f"{name}/echo/{rank}") == nonce:
-            return dist.PrefixStore(name, store)
-        time.sleep(0.05)
-    raise RuntimeError(f"rank {rank}: no rank 0 of this attempt answered in {timeout_s} s")
-
-
-def torchrun_restarts(device):
-    """How many times torchrun has restarted this run: the most any rank was told. torchrun counts per node, and
-    a node whose own ranks were healthy restarts them with a count of 0 (torch 2.14), so every rank must ask."""
-    count = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
-
-
-def all_sum(values, device):
-    """Sum a list of numbers over ranks, in float64 so counts stay exact."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def all_average_(tensors, world):
-    """Average floating-point tensors over ranks, in place."""
-    if world > 1:
-        for t in tensors:
-            if t.dtype.is_floating_point:
-                dist.all_reduce(t)
-                t.div_(world)
-
-
-class StopVote:
-    """All ranks must stop at the same step, but a signal may reach only some of them. Each step every rank adds
-    its flag to an all_reduce started asynchronously, and reads the result one step later, when it is long done:
-    the vote never makes a step wait for the GPU. Device-side constants avoid a host-to-device copy per step."""
-
-    def __init__(self, device):
-        self.flags = (torch.zeros(1, device=device), torch.ones(1, device=device))
-        self.pending = None
-
-    def cast(self, flag):
-        """Vote now; return the outcome of the previous step's vote."""
-        t = self.flags[bool(flag)].clone()
-        work = dist.all_reduce(t, async_op=True) if dist.is_initialized() else None
-        previous, self.pending = self.pending, (t, work)
-        return self._outcome(previous)
-
-    def settle(self):
-        previous, self.pending = self.pending, None
-        return self._outcome(previous)
-
-    @staticmethod
-    def _outcome(vote):
-        if vote is None:
-            return False
-        t, work = vote
-        if work is not None:
-            work.wait()
-        return t.item() > 0
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------
-def list_image_folder(root):
-    """ImageFolder layout: root/<class>/**/<image>. Returns (sorted classes, [(path, label)])."""
-    if not os.path.isdir(root):
-        raise UserError(f"{root}: no such folder")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"{root} holds no class folders (expected {root}/<class>/<image>)")
-    samples = []
-    for label, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
-    if not samples:
-        raise UserError(f"{root} holds no images in its class folders")
-    return classes, samples
-
-
-def check_data(root):
-    """List train/ and val/ and check they agree. Every rank runs this before any collective, so bad data
-    makes every rank exit at once instead of leaving the others waiting."""
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise UserError(f"{root} has no {split}/ folder (expected {root}/train/<class>/* and {root}/val/<class>/*)")
-    classes, train = list_image_folder(os.path.join(root, "train"))
-    val_classes, val = list_image_folder(os.path.join(root, "val"))
-    if val_classes != classes:
-        diff = sorted(set(classes) ^ set(val_classes))
-        raise UserError(f"train/ and val/ have different classes (e.g. {', '.join(diff[:3])})")
-    return classes, train, val
-
-
-def train_size_at(args, epoch):
-    """The training crop size of an epoch. Progressive resizing (FFCV's ResNet recipes): --min-train-size until
-    epoch START, then linearly up to --train-size at epoch END, in steps of 32 pixels, FFCV's rounding."""
-    if args.min_train_size is None:
-        return args.train_size
-    start, end = args.ramp_epochs
-    size = float(np.interp(epoch, [start, end], [args.min_train_size, args.train_size]))
-    return int(max(16, round(size / 32) * 32)) if size not in (args.min_train_size, args.train_size) else int(size)
-
-
-def sample_crop(rng, width, height, min_scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (Szegedy et al. 2015, as in torchvision): area fraction U(min_scale, 1),
-    log-uniform aspect ratio, 10 tries, else a center crop clamped to the ratio range."""
-    area = width * height
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(*log_r))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-@dataclasses.dataclass
-class Draws:
-    """Everything random about one training image: the crop box in the original image, the flip, and the
-    brightness/contrast/saturation factors with their order. CPU and GPU decoding apply the same draws."""
-    box: tuple
-    flip: bool
-    factors: object  # np.ndarray of 3 factors, or None without jitter
-    order: np.ndarray
-
-    def as_row(self):
-        f = self.factors if self.factors is not None else np.ones(3)
-        return [*self.box, float(self.flip), *f, *self.order]
-
-
-class TrainSet(torch.utils.data.Dataset):
-    """Items are (epoch, index) pairs, so each image's augmentation is a function of (seed, epoch, index), and its
-    size a function of the epoch. decode="cpu": PIL decodes (reduced-size JPEG decoding when the crop allows it),
-    crops and resizes in the worker; flip and colour jitter run there too (augment_on="workers"), or on the device
-    (augment_on="device": the worker returns its draws beside the pixels, and flip_jitter() applies them, bit for bit
-    as PIL would). decode="gpu": the worker reads the JPEG's bytes and header and draws the augmentation;
-    gpu_augment() does the rest on the device."""
-
-    REPLACEMENT_DRAWS = 16
-
-    def __init__(self, samples, args, decode="cpu", augment_on="workers"):
-        self.samples, self.args, self.decode, self.augment_on = samples, args, decode, augment_on
-        self.broken = set()  # (the main process's) training photos met that cannot be decoded
-
-    def __len__(self):
-        return len(self.samples)
-
-    def draw(self, epoch, index, width, height):
-        rng = seeded(self.args.seed, epoch, index, 2)
-        box = sample_crop(rng, width, height, self.args.min_scale)
-        flip = bool(rng.random() < 0.5)
-        j = self.args.color_jitter
-        factors = rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
-        return Draws(box, flip, factors, rng.permutation(3))
-
-    def __getitem__(self, item):
-        """The item's fields, then the index of the photo that could not be decoded and was replaced (-1: none)."""
-        epoch, index = item
-        fields, source = self.readable(epoch, index, self.fields)
-        return (*fields, -1 if source == index else index)
-
-    def readable(self, epoch, index, make):
-        """(make(epoch, i), i) for the photo itself or, when it cannot be decoded, for the first of the others drawn
-        from (seed, epoch, index) that can: the same replacement on every rank and after a resume, and a broken
-        file costs the run that photo alone (timm's loader skips such files too)."""
-        rng = seeded(self.args.seed, epoch, index, 3)
-        for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():
-            try:
-                return make(epoch, source), source
-            except M.ImageError:
-                continue
-        raise UserError(f"{self.samples[index][0]} cannot be decoded, nor any of the {self.REPLACEMENT_DRAWS} "
-                        f"training photos drawn to replace it")
-
-    def fields(self, epoch, index):
-        if self.decode == "gpu":
-            return self.jpeg_item(epoch, index)
-        if self.augment_on == "device":
-            im, d = self.cropped(epoch, index)
-            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), self.samples[index][1]
-        return self.cpu_pixels(epoch, index), self.samples[index][1]
-
-    def cropped(self, epoch, index):
-        """The worker's share: decode, crop and resize to the epoch's size. Returns the PIL image and its draws."""
-        from PIL import Image
-        path, size = self.samples[index][0], train_size_at(self.args, epoch)
-        d = []
-
-        def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
-            d.append(self.draw(epoch, index, W, H))  # keeps the crop >= size on both sides
-            return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
-        im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: see readable())
-        d = d[0] if d else self.draw(epoch, index, W, H)  # not a JPEG: smallest_size() was not called
-        x0, y0, w, h = d.box
-        sx, sy = im.size[0] / W, im.size[1] / H
-        return im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)), d
-
-    def cpu_pixels(self, epoch, index):
-        """uint8 [3, size, size]: the crop, flipped and colour-jittered in the worker (PIL)."""
-        from PIL import Image, ImageEnhance
-        im, d = self.cropped(epoch, index)
-        if d.flip:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        if d.factors is not None:  # ColorJitter: brightness, contrast, saturation in a random order, as torchvision
-            enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-            for i in d.order:
-                im = enhancers[i](im).enhance(float(d.factors[i]))
-        return pil_to_chw(im)
-
-    def jpeg_item(self, epoch, index):
-        """(payload, draws row, label): payload = the file's bytes for nvjpeg, or, for what nvjpeg cannot decode
-        (PNG, CMYK JPEG, ...), the crop from the CPU path (flip and jitter still to come, on the device)."""
-        from PIL import Image
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as im:
-                fmt, mode, (W, H) = im.format, im.mode, im.size
-        except Exception as e:
-            raise M.ImageError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None
-        if fmt != "JPEG" or mode not in ("RGB", "L"):
-            im, d = self.cropped(epoch, index)
-            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), label
-        with open(path, "rb") as f:
-            payload = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        return payload, torch.tensor([float(index)] + self.draw(epoch, index, W, H).as_row()), label
-
-
-def augment_place(args, device):
-    """Where flip and colour jitter run: on a GPU they are a few elementwise kernels over the whole batch, and each
-    worker is left with decoding, cropping and resizing; on a CPU the workers keep them, in parallel with training."""
-    if args.decode == "gpu":
-        return "device"
-    if args.augment_on == "auto":
-        return "device" if device.type == "cuda" else "workers"
-    return args.augment_on
-
-
-def pil_to_chw(im):
-    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
-
-
-def collate_jpeg(items):
-    payloads, rows, labels, replaced = zip(*items)
-    return list(payloads), torch.stack(rows), torch.tensor(labels), torch.tensor(replaced)
-
-
-def flip_jitter(x_u8, rows, jitter_on):
-    """Flip and ColorJitter of a uint8 [B, 3, H, W] batch on its device with the workers' draws (rows: index, box,
-    flip, 3 factors, their order), bit for bit what PIL's ImageEnhance gives in the worker: each step blends with its
-    degenerate image in float32 and truncates to 0..255, as PIL's Image.blend does; brightness blends with black,
-    contrast with the rounded mean grey level, saturation with the grey image (PIL's integer luma)."""
-    flip = rows[:, 5].to(x_u8.device) > 0.5
-    x = torch.where(flip[:, None, None, None], x_u8.flip(3), x_u8)
-    if not jitter_on:
-        return x
-    x = x.float()
-    factors = rows[:, 6:9].to(device=x.device, dtype=torch.float32)[:, :, None, None, None]
-    order = rows[:, 9:12].to(x.device).long()
-    blend = lambda degenerate, f: (degenerate + f * (x - degenerate)).clamp_(0, 255).floor_()
-    for position in range(3):  # all three candidates for every image, then each image keeps its own (no host sync)
-        i = x.to(torch.int32)
-        grey = ((i[:, 0:1] * 19595 + i[:, 1:2] * 38470 + i[:, 2:3] * 7471 + 32768) >> 16).float()
-        mean = grey.double().mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_().float()
-        out = (blend(torch.zeros_like(mean), factors[:, 0]), blend(mean, factors[:, 1]), blend(grey, factors[:, 2]))
-        k = order[:, position][:, None, None, None]
-        x = torch.where(k == 0, out[0], torch.where(k == 1, out[1], out[2]))
-    return x.to(torch.uint8)
-
-
-def gpu_augment(batch, train_set, epoch, device):
-    """--decode gpu: decode the batch's JPEGs in one nvjpeg call on the device, then crop and resize each to the
-    epoch's size, and flip and jitter the batch with the draws its workers made. What nvjpeg refuses went through the
-    CPU crop instead (in the worker, or here when nvjpeg fails on a file it accepted; a file that cannot be decoded
-    at all is replaced here, its label and `replaced` entry updated in place)."""
-    import torchvision
-    payloads, rows, labels, replaced = batch
-    size = train_size_at(train_set.args, epoch)
-    out = [p.to(device) if p.dim() == 3 else None for p in payloads]  # crops the workers made on the CPU path
-    jpeg = [i for i, p in enumerate(payloads) if p.dim() == 1]
-    rgb = torchvision.io.ImageReadMode.RGB
-    try:
-        decoded = torchvision.io.decode_jpeg([payloads[i] for i in jpeg], device=device, mode=rgb)
-    except RuntimeError:  # one bad file fails the batched call: decode one by one, falling back per image
-        decoded = []
-        for i in jpeg:
-            try:
-                decoded.append(torchvision.io.decode_jpeg(payloads[i], device=device, mode=rgb))
-            except RuntimeError:  # (and a file that PIL cannot decode either is replaced, as in the workers)
-                decoded.append(None)
-                index = int(rows[i, 0])
-                im, source = train_set.readable(epoch, index, lambda e, j: train_set.cropped(e, j)[0])
-                out[i] = pil_to_chw(im).to(device)
-                if source != index:
-                    labels[i], replaced[i] = train_set.samples[source][1], index
-    for i, img in zip(jpeg, decoded):
-        if img is not None:
-            out[i] = crop_resize(img, rows[i], size)
-    return flip_jitter(torch.stack(out), rows, train_set.args.color_jitter > 0)
-
-
-def crop_resize(img, row, size):
-    """One decoded uint8 [3, H, W] image on the device -> its crop (row: index, x0, y0, w, h, ...) resized to
-    uint8 [3, size, size]."""
-    x0, y0, w, h = (int(v) for v in row[1:5])
-    x = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w].float(), size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)[0]
-    return x.clamp(0, 255).round().to(torch.uint8)
-
-
-class EvalSet(torch.utils.data.Dataset):
-    """model.py's evaluation preprocessing: short side to resize, center crop size (what predict.py applies)."""
-
-    def __init__(self, samples, size, resize):
-        self.samples, self.size, self.resize = samples, size, resize
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        try:
-            return M.eval_image(path, self.size, self.resize), label
-        except M.ImageError:  # left out of the figures (label -1), and named by evaluate()
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of (epoch, index) for one epoch, starting at a given global batch.
-
-    Global batch b of an epoch is order[b*G:(b+1)*G] with G = batch x world x accum; micro-batch m of rank r
-    is the slice [(m*world + r)*batch : ... + batch] of it. The ragged end of the epoch is dropped.
-    """
-
-    def __init__(self, n, batch, world, rank, accum, seed):
-        self.n, self.batch, self.world, self.rank, self.accum, self.seed = n, batch, world, rank, accum, seed
-        self.global_batch = batch * world * accum
-        self.steps = n // self.global_batch
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start = epoch, start_step
-
-    def __len__(self):
-        return (self.steps - self.start) * self.accum
-
-    def __iter__(self):
-        order = seeded(self.seed, self.epoch, 0).permutation(self.n)
-        for step in range(self.start, self.steps):
-            g = order[step * self.global_batch:(step + 1) * self.global_batch]
-            for m in range(self.accum):
-                lo = (m * self.world + self.rank) * self.batch
-                yield [(self.epoch, int(i)) for i in g[lo:lo + self.batch]]
-
-
-_forkserver_started = False
-
-
-def worker_start_method():
-    """forkserver under a process group, fork otherwise. The process group's threads (gloo's run loop) take Python's
-    thread-state lock, so a rank that forks a worker while one holds it gives the child a lock nobody will release:
-    before Python 3.12 the child hangs in os.fork() for ever (CPython gh-112275; 2-process CPU runs hung there after
-    210-250 worker starts). forkserver forks the workers from a single-threaded server instead (Python 3.14's
-    default on Linux). The price is pickling the file list to each worker (0.5 s per worker for ImageNet's 1.28M
-    files on a 2-core AMD EPYC). The server imports torch once (Python 3.11's own preload of __main__ never
-    happens), so later workers start as fast as forked ones."""
-    if not dist.is_initialized():
-        return None
-    global _forkserver_started
-    if not _forkserver_started:
-        # The server and its resource tracker live in the rank's process group, which launchers signal as a whole:
-        # started with the stop signals ignored (exec keeps an ignored disposition), they outlive a stop, as the
-        # workers do. This runs before the training loop's StopFlag, when a stop signal would still kill the rank.
-        multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-        try:
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        _forkserver_started = True
-    return "forkserver"
-
-
-def make_loader(dataset, workers, device, batch_sampler=None, batch_size=1, context=None):
-    """Workers start per iterator (not persistent), so every epoch's end shuts them down cleanly."""
-    jpeg = isinstance(dataset, TrainSet) and dataset.decode == "gpu"
-    context = context or (worker_start_method() if workers > 0 else None)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, batch_sampler=batch_sampler,
-        num_workers=workers, worker_init_fn=functools.partial(worker_init, rank_pid=os.getpid()), pin_memory=device.type == "cuda" and not jpeg,
-        prefetch_factor=4 if workers > 0 else None, collate_fn=collate_jpeg if jpeg else None,
-        multiprocessing_context=context if workers > 0 else None)
-
-
-class DeviceBatches:
-    """The loader's micro-batches as uint8 images and labels on the device, one batch ahead: on CUDA the next
-    batch is copied (with --decode gpu: decoded and augmented) on a side stream while this one trains.
-    `wait` is the time spent waiting for the workers (data-wait)."""
-
-    def __init__(self, loader, train_set, epoch, device):
-        self.train_set, self.epoch, self.device, self.wait = train_set, epoch, device, 0.0
-        self.replaced = []  # indices of the broken photos replaced so far
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        with stop_signals_blocked():
-            self.it = iter(loader)
-        self.next = self._load()
-
-    def _load(self):
-        t = time.time()
-        try:
-            batch = next(self.it)
-        except StopIteration:
-            return None
-        except UserError as e:  # raised in a worker: the DataLoader adds the worker's traceback to the message
-            raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
-        self.wait += time.time() - t
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            if isinstance(batch[0], list):
-                x = gpu_augment(batch, self.train_set, self.epoch, self.device)
-            elif len(batch) == 4:  # --augment-on device: crops from the workers, flipped and jittered here
-                x = flip_jitter(batch[0].to(self.device, non_blocking=True), batch[1], self.train_set.args.color_jitter > 0)
-            else:
-                x = batch[0].to(self.device, non_blocking=True)
-            labels, replaced = batch[-2], batch[-1]
-            self.replaced += replaced[replaced >= 0].tolist()  # (CPU tensors: no device sync)
-            return x, labels.to(self.device, non_blocking=True)
-
-    def __next__(self):
-        batch = self.next
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            for t in batch:
-                t.record_stream(torch.cuda.current_stream(self.device))
-        self.next = self._load()
-        return batch
-
-    def close(self):
-        self.it = self.next = None  # the iterator's end shuts its workers down
-
-
-# ---------------------------------------------------------------------------------------------------
-# The run: network, optimizer, schedule, loss scaler, EMA, loader, built once
-# ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Run:
-    args: argparse.Namespace
-    model: torch.nn.Module  # the unwrapped network; checkpoints hold its weights
-    ddp: torch.nn.Module  # model wrapped in DistributedDataParallel (or model itself on one process)
-    fwd: torch.nn.Module  # what a step calls: ddp, or torch.compile(ddp)
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    ema: object  # EMA or None
-    device: torch.device
-    amp_dtype: object  # torch.bfloat16, torch.float16 or None (fp32)
-    rank: int
-    world: int
-
-
-def build_schedule(opt, args, steps_per_epoch, peak_lr):
-    total = args.epochs * steps_per_epoch
-    warm = int(args.warmup_epochs * steps_per_epoch)
-    if total < 3:
-        raise UserError(f"the schedule has only {total} steps: use more --epochs or a smaller batch")
-    if args.schedule == "onecycle":  # (warm-up >= 2 steps: OneCycleLR divides by the warm-up length)
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr, total_steps=total + 1,
-                                                   pct_start=max(warm, 2) / (total + 1), div_factor=25.0,
-                                                   final_div_factor=1e4, cycle_momentum=args.momentum > 0,
-                                                   base_momentum=0.85, max_momentum=args.momentum)
-
-    def factor(step):  # linear warm-up from ~0 (Goyal et al. 2017), then half-cosine to 0 (Loshchilov & Hutter 2016)
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / max(total - warm, 1)))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def build_network(args, num_classes, world, device):
-    """The unwrapped network: seeded init, memory format, and BatchNorm synchronised across processes with --sync-bn
-    (per-GPU batches of 32 or less give noisy batch statistics; SyncBatchNorm computes them over the global batch).
-    SyncBatchNorm keeps BatchNorm's parameter names, so its checkpoints load into a plain model."""
-    torch.manual_seed(args.seed)
-    model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
-def build_run(args, num_classes, steps_per_epoch, rank, world, device):
-    amp_dtype = pick_amp(args.amp, device)
-    model = build_network(args, num_classes, world, device)
-    peak_lr = args.lr * args.batch_size * world * args.grad_accum / 256  # linear scaling rule (Goyal et al. 2017)
-    opt = torch.optim.SGD(param_groups(model, args.wd), lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
-    sched = build_schedule(opt, args, steps_per_epoch, peak_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = EMA(model, args.ema) if args.ema > 0 else None
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    # Compiling the DDP-wrapped module lets TorchDynamo's DDPOptimizer split the graph at DDP's bucket boundaries,
-    # so each bucket's all-reduce starts while the backward pass is still running.
-    fwd = torch.compile(ddp, mode=args.compile) if args.compile else ddp
-    return Run(args, model, ddp, fwd, opt, sched, scaler, ema, device, amp_dtype, rank, world)
-
-
-def step_mix(args, epoch, step, size):
-    """The MixUp/CutMix draw of a whole step (all ranks and micro-batches alike), from (seed, epoch, step)."""
-    if args.mixup <= 0 and args.cutmix <= 0:
-        return None
-    r = seeded(args.seed, epoch, step, 3)
-    kind = "mixup" if args.mixup > 0 and (args.cutmix == 0 or r.random() < 0.5) else "cutmix"
-    alpha = args.mixup if kind == "mixup" else args.cutmix
-    return kind, float(r.beta(alpha, alpha)), r.integers(0, size, size=2)
-
-
-def mix_batch(x, mix):
-    """MixUp (Zhang et al. 2017) or CutMix (Yun et al. 2019) with the micro-batch's mirror image (x.flip(0)), as
-    timm does. Returns the mixed batch and the weight of the own label."""
-    if mix is None:
-        return x, 1.0
-    kind, lam, center = mix
-    if kind == "mixup":
-        return x * lam + x.flip(0) * (1 - lam), lam
-    H, W = x.shape[2:]
-    cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-    y0, y1 = max(int(center[0]) - cut_h // 2, 0), min(int(center[0]) + cut_h // 2, H)
-    x0, x1 = max(int(center[1]) - cut_w // 2, 0), min(int(center[1]) + cut_w // 2, W)
-    x = x.clone()
-    x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
-    return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted, after clipping
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: every val image exactly once over all ranks
-# ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(net, samples, run_like, size, resize):
-    """run_like: anything with args, rank, world, device and amp_dtype (the Run, or an evaluation-only stand-in)."""
-    r = run_like
-    net.eval()
-    mine = list(range(r.rank, len(samples), r.world))  # a strided split, no padding: each image on exactly one rank
-    loader = make_loader(torch.utils.data.Subset(EvalSet(samples, size, resize), mine), min(r.args.workers, 4),
-                         r.device, batch_size=r.args.batch_size)
-    sums = torch.zeros(4, dtype=torch.float64, device=r.device)
-    broken, first = [], 0
-    with stop_signals_blocked():
-        batches = iter(loader)
-    for x, y in batches:
-        broken += [samples[mine[first + j]][0] for j in (y < 0).nonzero().flatten().tolist()]  # (on the host)
-        first += len(y)
-        x = M.normalize(x.to(r.device, non_blocking=True), M.IMAGENET_MEAN, M.IMAGENET_STD, r.args.channels_last)
-        y = y.to(r.device, non_blocking=True)
-        valid = y >= 0
-        with autocast(r.device, r.amp_dtype):
-            logits = net(x).float()
-        pred = logits.topk(min(5, logits.shape[1]), 1).indices  # (label -1 matches no prediction)
-        loss = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
-        sums += torch.stack([(loss * valid).sum().double(), (pred[:, 0] == y).sum().double(),
-                             (pred == y[:, None]).any(1).sum().double(), valid.sum().double()])
-    loss_sum, top1, top5, n = all_sum(sums.tolist(), r.device)
-    for path in gathered(broken, r.world):
-        if r.rank == 0 and path not in SAID_BROKEN:
-            print(f"{path}: cannot read image; left out of the validation figures (val_images)", flush=True)
-        SAID_BROKEN.add(path)
-    return dict(val_loss=loss_sum / max(n, 1), val_top1=100.0 * top1 / max(n, 1), val_top5=100.0 * top5 / max(n, 1),
-                val_images=int(n))
-
-
-SAID_BROKEN = set()  # the broken photos already named in the log
-
-
-def gathered(items, world):
-    """Every rank's list, concatenated in rank order (a collective when world > 1: every rank calls it)."""
-    if world == 1:
-        return list(items)
-    parts = [None] * world
-    dist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
-
-def weights_fingerprint(model, device):
-    """(sum, sum of squares) of all weights and buffers in float64, compared across ranks: True when all ranks hold
-    the same numbers (on one process, trivially)."""
-    s = sum(p.detach().double().sum() for p in model.state_dict().values() if p.dtype.is_floating_point)
-    q = sum(p.detach().double().pow(2).sum() for p in model.state_dict().values() if p.dtype.is_floating_point)
-    t = torch.stack([s, q]).to(device)
-    if not dist.is_initialized():
-        return True
-    lo, hi = t.clone(), t.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    return bool(torch.equal(lo, hi))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-class EpochSums:
-    """An epoch's running loss, summed on the device and read over all ranks only at log lines and epoch ends, so
-    no step waits for the GPU. seen counts images over all ranks; state() is what last.pt carries."""
-
-    def __init__(self, run, carry=None, train_set=None):
-        carry = carry or {"loss": 0.0, "seen": 0, "time": 0.0, "wait": 0.0}
-        self.run, self.carried_loss, self.train_set = run, float(carry["loss"]), train_set
-        self.replaced, self.new_replaced = set(carry.get("replaced", [])), []  # broken photos: indices, all ranks
-        self.local_loss = torch.zeros((), dtype=torch.float64, device=run.device)
-        self.seen, self.time_before, self.wait_before, self.t0 = int(carry["seen"]), carry["time"], carry["wait"], time.time()
-        self.wait = 0.0  # this session's data-wait
-
-    def add(self, loss, n):
-        self.local_loss += loss.double() * n
-
-    def state(self):
-        loss = all_sum([self.local_loss.item()], self.run.device)[0]
-        self.replaced.update(gathered(self.new_replaced, self.run.world))
-        self.new_replaced = []
-        if self.train_set is not None:
-            say_broken(self.run, self.train_set, self.replaced)
-        return {"loss": self.carried_loss + loss, "seen": self.seen, "time": self.time_before + time.time() - self.t0,
-                "wait": self.wait_before + self.wait, "replaced": sorted(self.replaced)}
-
-
-def say_broken(run, train_set, indices):
-    """Name each broken training photo once (rank 0), and stop the run (every rank: they all hold the same indices)
-    once more than --max-broken-images of them have been met."""
-    for i in sorted(indices):
-        path = train_set.samples[i][0]
-        if path not in train_set.broken and run.rank == 0:
-            try:
-                M.open_rgb(path)
-                reason = f"{path}: cannot read image"
-            except M.ImageError as e:
-                reason = str(e)
-            print(f"{reason}; replaced by another training photo drawn from (seed, epoch, index), the same on every "
-                  f"rank and resume ({len(train_set.broken) + 1} broken so far)", flush=True)
-        train_set.broken.add(path)
-    limit = run.args.max_broken_images
-    if limit is None:
-        limit = max(10, len(train_set.samples) // 1000)
-    if len(train_set.broken) > limit:
-        names = ", ".join(sorted(train_set.broken)[:3])
-        raise DataError(f"{len(train_set.broken)} training photos cannot be decoded (more than --max-broken-images "
-                        f"{limit}), among them {names}: check the copy of the data set, or raise the limit")
-
-
-def train_step(run, batches, mix, sums):
-    """One optimizer step over --grad-accum micro-batches; DDP all-reduces the gradients once, on the last."""
-    args = run.args
-    run.opt.zero_grad(set_to_none=True)
-    for m in range(args.grad_accum):
-        x_u8, y = next(batches)
-        x, lam = mix_batch(M.normalize(x_u8, M.IMAGENET_MEAN, M.IMAGENET_STD, args.channels_last), mix)
-        sync = m == args.grad_accum - 1 or run.world == 1
-        with run.ddp.no_sync() if not sync else contextlib.nullcontext():
-            with autocast(run.device, run.amp_dtype):
-                logits = run.fwd(x)
-            logits = logits.float()
-            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
-            if lam < 1.0:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y.flip(0), label_smoothing=args.label_smoothing)
-            run.scaler.scale(loss / args.grad_accum).backward()
-        sums.add(loss.detach(), len(y))
-    run.scaler.step(run.opt)
-    run.scaler.update()
-    run.sched.step()
-    if run.ema is not None:
-        run.ema.update(run.model)
-    sums.seen += args.batch_size * args.grad_accum * run.world
-
-
-def train_one_epoch(run, loop, epoch, start_step, sums):
-    """Runs until the epoch ends (returns None) or the ranks agree to stop (returns the step they stopped after)."""
-    args, steps = run.args, loop.sampler.steps
-    run.ddp.train()
-    loop.sampler.set_epoch(epoch, start_step)
-    batches = DeviceBatches(loop.loader, loop.train_set, epoch, run.device)
-    vote = StopVote(run.device)
-    try:
-        for step in range(start_step, steps):
-            train_step(run, batches, step_mix(args, epoch, step, train_size_at(args, epoch)), sums)
-            sums.wait = batches.wait
-            sums.new_replaced += batches.replaced
-            batches.replaced = []
-            stop_now = vote.cast(bool(loop.stop))
-            done = step + 1
-            if done % args.log_every == 0 or done == steps:
-                log_progress(run, loop, epoch, done, sums)
-            if stop_now and done < steps:
-                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
-                return done
-            if args.save_every and done % args.save_every == 0 and done < steps:
-                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
-        return None
-    finally:
-        vote.settle()
-        batches.close()
-
-
-def finite_sums(run, sums, epoch, done):
-    """The epoch's sums over all ranks (an all_reduce: every rank runs it at the same steps, so all stop together on a
-    non-finite loss, which any rank's NaN makes of the sum)."""
-    s = sums.state()
-    if not math.isfinite(s["loss"]):
-        raise diverged(run, epoch, done)
-    return s
-
-
-def log_progress(run, loop, epoch, done, sums):
-    s = finite_sums(run, sums, epoch, done)
-    if run.rank == 0:
-        steps, args = loop.sampler.steps, run.args
-        rate = (s["seen"] - loop.seen0) / max(s["time"] - loop.time0, 1e-9)
-        eta = (time.time() - loop.t_run) / max(epoch * steps + done - loop.done0, 1) * ((args.epochs - epoch) * steps - done)
-        print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps} loss {s['loss'] / max(s['seen'], 1):.4f} "
-              f"lr {run.sched.get_last_lr()[0]:.5f} img/s {rate:.1f} data-wait {100 * s['wait'] / max(s['time'], 1e-9):.1f}% "
-              f"eta {fmt_time(eta)}", flush=True)
-
-
-@dataclasses.dataclass
-class Loop:
-    """What the epoch loop carries besides the Run: the data and its loader, the stop flag, the best top-1 so far
-    and the progress clock."""
-    sampler: EpochBatches
-    train_set: TrainSet
-    loader: torch.utils.data.DataLoader
-    val_samples: list
-    classes: list
-    best: float = -1.0
-    stop: object = None  # the StopFlag, once the loop runs
-    t_run: float = 0.0
-    done0: int = 0  # steps done before this session
-    seen0: int = 0  # images of the current epoch seen before this session, and the seconds they took
-    time0: float = 0.0
-
-
-def ema_buffers_by_rank(run):
-    """Every rank's EMA BN statistics, flattened: between epoch ends each rank averages its own, so an exact resume
-    needs them all, not rank 0's alone (a collective: every rank calls it)."""
-    if run.ema is None:
-        return None
-    flat = torch.cat([b.detach().flatten() for b in run.ema.module.buffers() if b.dtype.is_floating_point])
-    parts = [torch.empty_like(flat) for _ in range(run.world)] if run.world > 1 else [flat]
-    if run.world > 1:
-        dist.all_gather(parts, flat)
-    return [p.cpu() for p in parts]
-
-
-def save_last(run, loop, epoch, step, sums_state):
-    """Rank 0 writes last.pt (atomically); every rank waits for it, so that nobody exits (and makes torchrun kill
-    the rest) before the file is complete."""
-    ema_ranks = ema_buffers_by_rank(run)
-    if run.rank == 0:
-        M.save_checkpoint(os.path.join(run.args.out, "last.pt"), **training_state(run), epoch=epoch, step=step,
-                          best_top1=loop.best, epoch_sums=sums_state, global_batch=loop.sampler.global_batch,
-                          world_size=run.world, ema_rank_buffers=ema_ranks, args=vars(run.args),
-                          **rebuild_info(run.args, loop.classes))
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def end_of_epoch(run, loop, epoch, sums):
-    """Make BN statistics (live and EMA) one across ranks, evaluate, save best.pt. Returns the metrics row."""
-    args = run.args
-    s = sums.state()
-    all_average_([b for b in run.model.buffers()], run.world)  # (see README: DDP keeps rank 0's buffers only per step)
-    if run.ema is not None:
-        all_average_([b for b in run.ema.module.buffers()], run.world)
-    t_eval = time.time()
-    net = run.ema.module if run.ema is not None else run.model
-    res = evaluate(net, loop.val_samples, run, args.val_size, args.val_resize)
-    row = dict(epoch=epoch + 1, lr=run.sched.get_last_lr()[0], train_loss=s["loss"] / max(s["seen"], 1),
-               train_img_per_s=s["seen"] / max(s["time"], 1e-9), data_wait_pct=100.0 * s["wait"] / max(s["time"], 1e-9),
-               train_size=train_size_at(args, epoch), broken_train_images=len(s["replaced"]), **res,
-               time_s=s["time"] + time.time() - t_eval)
-    if res["val_top1"] > loop.best:
-        loop.best = res["val_top1"]
-        if run.rank == 0:
-            M.save_checkpoint(os.path.join(args.out, "best.pt"), model=run.model.state_dict(),
-                              ema=run.ema.state_dict() if run.ema else None, epoch=epoch + 1, val_top1=loop.best,
-                              **rebuild_info(args, loop.classes))
-    return row
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: what rebuilds the model (model.py's format) plus what resumes the run
-# ---------------------------------------------------------------------------------------------------
-def rebuild_info(args, classes):
-    return dict(arch=args.arch, num_classes=len(classes), stem="imagenet", classes=list(classes),
-                class_names=M.readable_class_names(classes), mean=list(M.IMAGENET_MEAN), std=list(M.IMAGENET_STD),
-                image_size=args.val_size, eval_resize=args.val_resize, train_size=args.train_size,
-                dataset=os.path.basename(os.path.normpath(args.data)))
-
-
-# Settings that fix the sequence of batches, sizes and LRs; a resumed run must use the same.
-RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule", "train_size", "min_train_size",
-                     "ramp_epochs", "min_scale", "color_jitter", "mixup", "cutmix", "ema", "label_smoothing")
-
-
-def load_resume(args, world, restarts=0):
-    """The checkpoint to resume from, or None for a fresh start. Without --grad-accum (or --global-batch), sets the
-    one that keeps the checkpoint's global batch on this world size. Raises UserError on anything wrong, before
-    anything is written."""
-    last = os.path.join(args.out, "last.pt")
-    if args.resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
-        args.resume = "auto"
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"torchrun restart {restarts}: resuming from {last} (--resume auto, implied)", flush=True)
-    if args.resume is None:
-        for f in (last, os.path.join(args.out, "best.pt")):
-            if os.path.exists(f):
-                raise UserError(f"{f} exists: pass --resume auto to continue that run, or choose another --out")
-        return None
-    path = last if args.resume == "auto" else args.resume
-    if args.resume == "auto" and not os.path.exists(path):
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"no {path} yet: starting a fresh run", flush=True)
-        return None
-    try:
-        ckpt = M.load_checkpoint(path)
-    except M.CheckpointError as e:
-        raise UserError(str(e)) from None
-    if "optimizer" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not an imagenet_ddp.py training checkpoint (no optimizer state); use --resume with a last.pt")
-    missing = [k for k in ("model", "scheduler", "scaler", "epoch", "step", "best_top1", "epoch_sums", "ema_updates")
-               if k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is an incomplete training checkpoint (missing {', '.join(missing)})")
-    if ckpt.get("arch") != args.arch:
-        raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
-    norm = lambda v: list(v) if isinstance(v, tuple) else v
-    if args.keep_global_batch:  # another number of processes (elastic, a requeue elsewhere): keep the global batch
-        args.grad_accum = derived_grad_accum(ckpt.get("global_batch"), args.batch_size, world, path)
-    global_batch = args.batch_size * world * args.grad_accum
-    diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
-            if norm(ckpt["args"].get(k)) != norm(getattr(args, k))]
-    if ckpt.get("global_batch") != global_batch:
-        diff.append(f"a global batch (batch-size x processes x grad-accum) of {ckpt.get('global_batch')} (now {global_batch})")
-    if diff:
-        raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
-    ckpt["path"] = path
-    return ckpt
-
-
-def derived_grad_accum(global_batch, batch_size, world, path):
-    per_micro_batch = batch_size * world
-    if not global_batch or global_batch % per_micro_batch:
-        raise UserError(f"{path} was trained with a global batch of {global_batch}, which {world} process(es) x "
-                        f"--batch-size {batch_size} cannot make up: resume with another --batch-size or --global-batch")
-    return global_batch // per_micro_batch
-
-
-def training_state(run):
-    """What evolves during training, for last.pt (the unwrapped model's weights: no module./_orig_mod.)."""
-    cuda = run.device.type == "cuda"
-    return dict(model=run.model.state_dict(), ema=run.ema.state_dict() if run.ema else None,
-                ema_updates=run.ema.updates if run.ema else 0, optimizer=run.opt.state_dict(),
-                scheduler=run.sched.state_dict(), scaler=run.scaler.state_dict(), amp=amp_name(run.amp_dtype),
-                # all randomness here comes from (seed, epoch, step/index), but code added later may draw from torch's.
-                # Only this rank's own device: a node with fewer GPUs must be able to restore it.
-                rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state(run.device) if cuda else None)
-
-
-def restore_training_state(ckpt, run, log):
-    run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    run.sched.load_state_dict(ckpt["scheduler"])
-    # A job may be requeued on other hardware: fp16 (V100, T4) to bf16 or back, or to fp32. Only fp16 keeps a
-    # GradScaler; a run switching to it starts with a fresh loss scale, a run leaving it drops the old one.
-    was = ckpt.get("amp", "fp16" if ckpt["scaler"] else "unknown")
-    if run.scaler.is_enabled() and ckpt["scaler"]:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    if was != amp_name(run.amp_dtype):
-        log(f"resuming a {was} run in {amp_name(run.amp_dtype)}" + (": a fresh GradScaler starts the loss scale"
-                                                                    if run.scaler.is_enabled() else ""))
-    world_was = ckpt.get("world_size", run.world)
-    if world_was != run.world:
-        log(f"resuming a {world_was}-process run on {run.world} process(es) with --grad-accum {run.args.grad_accum}: the "
-            f"same global batch ({ckpt['global_batch']}), batches and LR (README: resume on other hardware)")
-    if run.ema is not None:
-        run.ema.module.load_state_dict(ckpt["ema"])
-        run.ema.updates = ckpt["ema_updates"]
-        restore_ema_rank_buffers(run, ckpt.get("ema_rank_buffers"))
-    if ckpt.get("rng_cpu") is not None:  # (absent in checkpoints of earlier versions)
-        torch.set_rng_state(ckpt["rng_cpu"])
-    if isinstance(ckpt.get("rng_cuda"), torch.Tensor) and run.device.type == "cuda":
-        torch.cuda.set_rng_state(ckpt["rng_cuda"], run.device)
-
-
-def restore_ema_rank_buffers(run, parts):
-    """This rank's own EMA BN statistics; on another number of processes, their average (what the epoch's end makes)."""
-    if not parts:
-        return
-    flat = parts[run.rank] if len(parts) == run.world else torch.stack(parts).mean(0)
-    buffers = [b for b in run.ema.module.buffers() if b.dtype.is_floating_point]
-    for b, chunk in zip(buffers, torch.split(flat, [b.numel() for b in buffers])):
-        b.copy_(chunk.view_as(b))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Start-up and the epoch loop
-# ---------------------------------------------------------------------------------------------------
-def check_inputs(args, restarts=0):
-    """Everything that can fail on bad input (data, checkpoint, batch size, flags that cannot run here), done by
-    every rank before the vote on it. Returns (classes, train samples, val samples, resume state, checkpoint)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda:
-        pick_device(args.device)  # --device cuda without CUDA: said before the data is read
-    if args.sync_bn and world > 1 and not cuda:
-        raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU/gloo kernels); leave it off on CPU")
-    if args.decode == "gpu" and not cuda:
-        raise UserError("--decode gpu needs a CUDA GPU (nvjpeg); use --decode cpu here")
-    if args.benchmark and world > 1:
-        raise UserError("--benchmark times one process: run it with python, not torchrun")
-    if args.global_batch is not None:
-        per_micro_batch = args.batch_size * world
-        if args.global_batch % per_micro_batch:
-            raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
-                            f"{world} process(es) = {per_micro_batch}")
-        args.grad_accum = args.global_batch // per_micro_batch
-    classes, train_samples, val_samples = check_data(args.data)
-    resume = ckpt = None
-    if args.evaluate:
-        path = args.checkpoint or (os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume)
-        try:
-            ckpt = M.load_checkpoint(path)
-            M.model_from_checkpoint(ckpt, path=path)
-        except M.CheckpointError as e:
-            raise UserError(str(e)) from None
-        if list(ckpt["classes"]) != list(classes):
-            raise UserError(f"{path} was trained on other classes than {args.data}/val")
-        ckpt["path"] = path
-    elif not (args.benchmark or args.benchmark_data):
-        resume = load_resume(args, world, restarts)
-        if resume is not None and list(resume["classes"]) != list(classes):
-            raise UserError(f"{resume['path']} was trained on other classes than those of {args.data}; "
-                            f"resume it with its own data, or start a fresh run in another --out")
-    if not args.evaluate and len(train_samples) < args.batch_size * world * args.grad_accum:
-        raise UserError(f"the global batch ({args.batch_size * world * args.grad_accum}) is larger than train/ "
-                        f"({len(train_samples)} images)")
-    return classes, train_samples, val_samples, resume, ckpt
-
-
-def evaluate_checkpoint(args, inputs, rank, world, device):
-    classes, _, val_samples, _, ckpt = inputs
-    pre = M.preprocessing(ckpt)
-    net = M.model_from_checkpoint(ckpt, path=ckpt["path"]).to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    stand_in = argparse.Namespace(args=args, rank=rank, world=world, device=device, amp_dtype=pick_amp(args.amp, device))
-    res = evaluate(net, val_samples, stand_in, pre["size"], pre["resize"])
-    if rank == 0:
-        print(json.dumps(dict(res, checkpoint=ckpt["path"], val_size=pre["size"], val_resize=pre["resize"])), flush=True)
-    return 0
-
-
-def start(args, inputs, rank, world, device):
-    """Build the run and the loop from the checked inputs, restoring a resumed run. Returns (run, loop, start epoch,
-    start step, the resumed epoch's running sums)."""
-    classes, train_samples, val_samples, resume, _ = inputs
-    sampler = EpochBatches(len(train_samples), args.batch_size, world, rank, args.grad_accum, args.seed)
-    run = build_run(args, len(classes), sampler.steps, rank, world, device)
-    train_set = TrainSet(train_samples, args, args.decode, augment_place(args, device))
-    loop = Loop(sampler, train_set, make_loader(train_set, args.workers, device, batch_sampler=sampler), val_samples, classes)
-    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    log(f"data: {len(train_samples)} train / {len(val_samples)} val images, {len(classes)} classes; {world} process(es) on "
-        f"{device}, amp {amp_name(run.amp_dtype)}, global batch {sampler.global_batch}, peak lr {args.lr * sampler.global_batch / 256:.4f}, "
-        f"{sampler.steps} steps/epoch, train size {train_size_at(args, 0)}, val {args.val_size} (resize {args.val_resize}), "
-        f"{args.workers} workers, flip and jitter on the {train_set.augment_on}")
-    if args.warmup_note:
-        log(args.warmup_note)
-    if resume is None:
-        return run, loop, 0, 0, None
-    restore_training_state(resume, run, log)
-    loop.best = resume["best_top1"]
-    log(f"resumed from {resume['path']} at epoch {resume['epoch'] + 1} step {resume['step']}")
-    return run, loop, resume["epoch"], resume["step"], resume["epoch_sums"]
-
-
-def fit(args, inputs, rank, world, device):
-    run, loop, start_epoch, start_step, carry = start(args, inputs, rank, world, device)
-    metrics = Metrics(args.out, start_epoch if inputs[3] is not None else 0, args.tensorboard) if rank == 0 else None
-    summary = {}
-    with StopFlag() as stop:
-        loop.stop, loop.t_run, loop.done0 = stop, time.time(), start_epoch * loop.sampler.steps + start_step
-        for epoch in range(start_epoch, args.epochs):
-            sums = EpochSums(run, carry if epoch == start_epoch else None, loop.train_set)
-            loop.seen0, loop.time0 = sums.seen, sums.time_before
-            stopped = train_one_epoch(run, loop, epoch, start_step if epoch == start_epoch else 0, sums)
-            if stopped is not None:
-                if rank == 0:
-                    print(stop.farewell(args.out, f"at epoch {epoch + 1} step {stopped}"), flush=True)
-                return 128 + (stop.signum or signal.SIGTERM)
-            row = end_of_epoch(run, loop, epoch, sums)
-            save_last(run, loop, epoch + 1, 0, {})
-            if rank == 0:
-                metrics.write(row)
-                print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} val_top1 {row['val_top1']:.2f} "
-                      f"val_top5 {row['val_top5']:.2f} val_images {row['val_images']} img/s {row['train_img_per_s']:.1f} "
-                      f"data-wait {row['data_wait_pct']:.1f}% time {fmt_time(row['time_s'])}", flush=True)
-            summary = dict(row, best_val_top1=loop.best)
-            if all_sum([1.0 if stop else 0.0], device)[0] > 0 and epoch + 1 < args.epochs:
-                if rank == 0:
-                    print(stop.farewell(args.out, f"after epoch {epoch + 1}"), flush=True)
-                return 128 + (stop.signum or signal.SIGTERM)
-    if start_epoch >= args.epochs and rank == 0:
-        print(f"{args.out}/last.pt already finished all {args.epochs} epochs", flush=True)
-    # every rank must hold the same weights and BN statistics, the EMA's included: a difference is a bug, not noise
-    nets = [run.model] + ([run.ema.module] if run.ema is not None else [])
-    in_sync = all([weights_fingerprint(net, device) for net in nets])  # (a list, not a generator: every rank runs both)
-    if args.json and summary and rank == 0:
-        print(json.dumps(dict(summary, world_size=world, weights_in_sync=in_sync)), flush=True)
-    return 0 if in_sync else 1
+def fmt_time(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1552,23 +1651,23 @@ def timed_steps(run, source, n, sums):
     args = run.args
     for i in range(n + 2):
         if i == 2:
-            sync(run.device)
+            sync(run.place.device)
             t, wait0 = time.time(), source.wait
         train_step(run, source, step_mix(args, 0, i, train_size_at(args, 0)), sums)
-    sync(run.device)
+    sync(run.place.device)
     secs = time.time() - t
     return n * args.batch_size * args.grad_accum / secs, (source.wait - wait0) / secs
 
 
-def benchmark(args, inputs, device):
+def benchmark(args, inputs, place):
     """N steps of the real pipeline (loader, decoding, augmentation, the train step), then N steps on one fixed batch
     with the LR at 0 (the compute ceiling: the same arithmetic, but it never fits the batch). One JSON line."""
-    classes, train_samples = inputs[0], inputs[1]
+    device, train_samples = place.device, inputs.train_samples
     sampler = EpochBatches(len(train_samples), args.batch_size, 1, 0, args.grad_accum, args.seed)
     n = min(args.benchmark, sampler.steps - 3)
     if n < 1:
         raise UserError(f"train/ has {sampler.steps} steps of {args.batch_size}: too few to time --benchmark {args.benchmark}")
-    run = build_run(args, len(classes), sampler.steps, 0, 1, device)
+    run = build_run(args, len(inputs.classes), sampler.steps, place)
     train_set = TrainSet(train_samples, args, args.decode, augment_place(args, device))
     batches = DeviceBatches(make_loader(train_set, args.workers, device, batch_sampler=sampler), train_set, 0, device)
     sums = EpochSums(run)
@@ -1578,15 +1677,16 @@ def benchmark(args, inputs, device):
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 0.0)  # LR 0 from here on
     compute, _ = timed_steps(run, fixed, n, sums)
     print(json.dumps(dict(arch=args.arch, batch_size=args.batch_size, train_size=train_size_at(args, 0), device=str(device),
-                          amp=amp_name(run.amp_dtype), channels_last=args.channels_last, compile=args.compile,
+                          amp=amp_name(place.amp_dtype), channels_last=args.channels_last, compile=args.compile,
                           decode=args.decode, workers=args.workers, steps=n, compute_img_per_s=round(compute, 1),
                           pipeline_img_per_s=round(pipeline, 1), pipeline_vs_compute=round(pipeline / compute, 3),
                           data_wait_pct=round(100 * wait, 1))), flush=True)
     return 0
 
 
-def benchmark_data(args, samples, device):
+def benchmark_data(args, inputs, place):
     """The training input pipeline alone (workers decoding and augmenting), no model: img/s and per worker."""
+    samples, device = inputs.train_samples, place.device
     sampler = EpochBatches(len(samples), args.batch_size, 1, 0, 1, args.seed)
     train_set = TrainSet(samples, args, args.decode, augment_place(args, device))
     loader = make_loader(train_set, args.workers, device, batch_sampler=sampler)
@@ -1604,62 +1704,6 @@ def benchmark_data(args, samples, device):
                           workers=args.workers, img_per_s=round(images / secs, 1),
                           img_per_s_per_worker=round(images / secs / max(args.workers, 1), 1))), flush=True)
     return 0
-
-
-def run_stage(args, inputs, rank, world, device):
-    if args.benchmark_data:
-        return benchmark_data(args, inputs[1], device)
-    if args.benchmark:
-        return benchmark(args, inputs, device)
-    if args.evaluate:
-        return evaluate_checkpoint(args, inputs, rank, world, device)
-    return fit(args, inputs, rank, world, device)
-
-
-def main(argv=None):
-    def fail(msg):
-        print(f"imagenet_ddp.py: error: {msg}", file=sys.stderr, flush=True)
-        return 2
-
-    args = error = None
-    try:
-        args = get_args(argv)
-    except UserError as e:
-        error = e
-    if error is not None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return fail(error)
-    try:
-        rank, world, device = setup_distributed(args.device if args else "cpu")
-        restarts = torchrun_restarts(device)
-        try:
-            inputs = None if error else check_inputs(args, restarts)
-        except UserError as e:
-            error = e
-        if error is not None:
-            fail(error)
-        # Bad input fails on every rank, but torchrun kills all workers as soon as one exits with an error, which
-        # would cut the other ranks' error lines short. So a rank that failed prints first, then every rank votes
-        # here: all error lines are out before anyone exits, and ranks whose own checks passed exit too.
-        failed = int(all_sum([0.0 if error is None else 1.0], device)[0])
-        if failed:
-            return 2 if error is not None else fail(f"{failed} of {world} ranks failed their start-up checks (see above)")
-        return run_stage(args, inputs, rank, world, device)
-    except DataError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            fail(e)
-        return 2
-    except UserError as e:
-        return fail(e)
-    except Diverged as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            fail(e)
-        return EXIT_DIVERGED
-    except M.WriteError as e:  # (only rank 0 writes)
-        fail(e)
-        return EXIT_WRITE_FAILED
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

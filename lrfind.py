@@ -29,18 +29,20 @@ import torch.nn.functional as F
 
 import model as M
 
-CIFAR = {  # the official python-version archives, as cifar.py reads them
-    "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", archive="cifar-10-python.tar.gz",
-                    md5="c58f30108f718f92721af3b95e74349a", folder="cifar-10-batches-py", labels="labels",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+CIFAR = {
+    "cifar10": dict(url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                    archive="cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+                    folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
+                    test=["test_batch"], meta="batches.meta", labels="labels", names="label_names",
                     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", archive="cifar-100-python.tar.gz",
-                     md5="eb9058c3a382ffc7106e4002c42a8d85", folder="cifar-100-python", labels="fine_labels",
-                     train=["train"], test=["test"], mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    "cifar100": dict(url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                     archive="cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+                     folder="cifar-100-python", train=["train"], test=["test"], meta="meta",
+                     labels="fine_labels", names="fine_label_names",
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
 }
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 RULES = ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")
-# a third of the edge, one step back from where the loss starts to climb: in README's comparison (bench/lrfind_compare.py)
+# a third of the edge, one step back from where the loss starts to climb: in bench/README.md's comparison (lrfind_compare.py)
 # it beat 0.1x and 10x of itself on every data set; the edge itself won once (c10-1800, batch 128): --verify tries both
 DEFAULT_RULE = "edge_div3"
 
@@ -72,6 +74,8 @@ def build_parser():
     g.add_argument("--imagenet", default=None, metavar="DIR", help="same as --dataset imagenet --data-dir DIR")
     g.add_argument("--image-size", type=int, default=224, help="training crop size with --dataset imagenet")
     g.add_argument("--workers", type=int, default=2, help="decoding threads (folder) or DataLoader workers (imagenet)")
+    g.add_argument("--min-scale", type=float, default=0.08, help="with --dataset imagenet: imagenet_ddp.py's --min-scale")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="with --dataset imagenet: imagenet_ddp.py's --color-jitter")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=list(M.ARCHS), help="network")
     g.add_argument("--checkpoint", default=None, help="sweep from these weights instead of a fresh init")
@@ -87,7 +91,7 @@ def build_parser():
     g.add_argument("--smooth", type=int, default=0, help="moving-average window of the loss in steps; 0 = 5%% of --num-iter (>= 3)")
     g.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
     g.add_argument("--suggest", default=DEFAULT_RULE, choices=RULES,
-                   help="the rule whose LR is printed when --verify is off (README: the measured comparison)")
+                   help="the rule whose LR is printed when --verify is off (bench/README.md: the measured comparison)")
     g.add_argument("--verify", type=int, default=0, metavar="N",
                    help="train N steps of One Cycle from each candidate LR (same init, same batches) and suggest the one "
                         "with the lowest validation loss")
@@ -111,10 +115,13 @@ def get_args(argv=None):
               (args.batch_size >= 1 and args.accum >= 1, "--batch-size and --accum must be >= 1"),
               (args.smooth >= 1, "--smooth must be >= 1"), (args.diverge > 1, "--diverge must be > 1"),
               (args.wd >= 0, "--wd must be >= 0"), (args.verify == 0 or args.verify >= 10, "--verify needs >= 10 steps"),
-              (args.image_size >= 16, "--image-size must be >= 16"), (args.workers >= 0, "--workers must be >= 0")]
+              (args.image_size >= 16, "--image-size must be >= 16"), (args.workers >= 0, "--workers must be >= 0"),
+              (0 < args.min_scale <= 1, "--min-scale must be in (0, 1]"), (args.color_jitter >= 0, "--color-jitter must be >= 0")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    # cifar.py's default augmentation, which its batch_randomness() reads (mixing off: the sweep reads plain labels' loss)
+    args.crop_pad, args.no_flip, args.cutout, args.mixup, args.cutmix = 4, False, 0, 0.0, 0.0
     return args
 
 
@@ -126,16 +133,20 @@ def pick_device(name):
         raise UserError("--device cuda asked for, but CUDA is not available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN time its kernels once and keep the best
     return torch.device(name)
 
 
 def pick_amp(amp, device):
-    """The trainers' choice: bf16 where the hardware has it (no loss scaling), fp16 on older GPUs, else fp32."""
+    """Return the autocast dtype (None = fp32). bf16 needs no loss scaling; fp16 does (GradScaler)."""
     if amp == "off":
         return None
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Measured: bf16 autocast trains ~3x faster than fp32 on a CPU with AMX (Sapphire Rapids), and ~15x slower
+        # than fp32 on one without native bf16 (AMD EPYC, AVX2 only), where it is emulated: those stay in fp32.
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -144,12 +155,8 @@ def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def seeded(*ints):
-    return np.random.default_rng(np.random.SeedSequence([int(i) for i in ints]))
-
-
 def param_groups(model, wd):
-    """No weight decay on BN parameters and biases, as in the trainers."""
+    """No weight decay on BN parameters and biases: decaying them only fights normalisation."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
@@ -159,19 +166,14 @@ def param_groups(model, wd):
 # Data: batches as a function of (seed, epoch, step), so every --verify candidate sees the same ones
 # ---------------------------------------------------------------------------------------------------
 def list_image_folder(root):
-    if not os.path.isdir(root):
-        raise UserError(f"{root}: no such folder")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    samples = [(os.path.join(dp, f), label) for label, c in enumerate(classes)
-               for dp, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True))
-               for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
-    if not samples:
-        raise UserError(f"{root} holds no images in class folders (expected {root}/<class>/<image>)")
-    return classes, samples
+    try:
+        return M.list_image_folder(root)
+    except M.FolderError as e:
+        raise UserError(str(e)) from None
 
 
 def split_folders(root, val_names):
-    """(train dir, val dir) of an ImageFolder root, checked to hold the same classes."""
+    """(train dir, val dir) of an ImageFolder root."""
     val = next((os.path.join(root, v) for v in val_names if os.path.isdir(os.path.join(root, v))), None)
     if not os.path.isdir(os.path.join(root, "train")) or val is None:
         raise UserError(f"{root} must hold train/<class>/* and {' or '.join(v + '/' for v in val_names)}<class>/*")
@@ -218,36 +220,28 @@ def read_folder_32(args):
     with ThreadPoolExecutor(max(1, args.workers)) as pool:  # PIL releases the GIL while decoding
         for samples in (train, val):
             splits.append((torch.stack(list(pool.map(decode, [p for p, _ in samples]))), torch.tensor([l for _, l in samples])))
-    x = splits[0][0].float().div_(255)
-    return splits, len(classes), tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+    x = splits[0][0].float().div_(255)  # the mean and std as cifar.py measures and rounds them
+    mean = tuple(round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist())
+    return splits, len(classes), mean, tuple(round(v, 4) for v in x.std(dim=(0, 2, 3)).tolist())
 
 
 class TensorBatches:
-    """32x32 data held in memory: batch `step` of `epoch` is a slice of the epoch's order, cropped (4-pixel padding)
-    and flipped on the device as cifar.py does. Restartable: batches(epoch=0) replays the same sequence."""
+    """32x32 data held in memory: batch `step` of `epoch` is cifar.py's, the same images cropped and flipped the same
+    way (its epoch_order, batch_randomness and augment, carried here). Restartable: a new call replays the sequence."""
 
-    def __init__(self, x, y, mean, std, batch_size, seed, device, train=True):
+    def __init__(self, x, y, mean, std, args, device):
         self.x, self.y, self.mean, self.std = x.to(device), y.to(device), mean, std
-        self.batch_size, self.seed, self.device, self.train = batch_size, seed, device, train
+        self.args, self.batch_size, self.device = args, args.batch_size, device
 
     def __call__(self):
-        epoch = 0
+        epoch, args = 0, self.args
         while True:
-            order = torch.from_numpy(seeded(self.seed, epoch, 0).permutation(len(self.y))).to(self.device)
+            order = epoch_order(args.seed, epoch, len(self.y)).to(self.device)
             for step in range(len(self.y) // self.batch_size):
                 idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-                yield self.augment(self.x[idx], seeded(self.seed, epoch, step, 1)), self.y[idx]
+                r = batch_randomness(args, epoch, step, self.batch_size)
+                yield augment(self.x[idx], r, self.mean, self.std, args.crop_pad, args.cutout, True), self.y[idx]
             epoch += 1
-
-    def augment(self, x, rng):
-        B, dev = len(x), self.device
-        shift = torch.from_numpy(rng.integers(0, 9, size=(B, 2))).to(dev)
-        xp = F.pad(x, (4, 4, 4, 4))
-        rows = (shift[:, 0:1] + torch.arange(32, device=dev))[:, None, :, None]
-        cols = (shift[:, 1:2] + torch.arange(32, device=dev))[:, None, None, :]
-        x = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None], rows, cols]
-        x = torch.where(torch.from_numpy(rng.random(B) < 0.5).to(dev)[:, None, None, None], x.flip(3), x)
-        return M.normalize(x, self.mean, self.std, channels_last=True)
 
     def evaluation(self, limit):
         """The first `limit` images, in fixed batches of 250, unaugmented."""
@@ -257,40 +251,32 @@ class TensorBatches:
 
 
 class ImageNetItems(torch.utils.data.Dataset):
-    """ImageNet-style training items (epoch, index) -> RandomResizedCrop + flip, drawn from (seed, epoch, index);
+    """ImageNet-style training items (epoch, index) -> imagenet_ddp.py's pixels for them (its crop_photo and
+    flip_jitter_pil, carried here: RandomResizedCrop, flip, colour jitter drawn from (seed, epoch, index));
     evaluation items: model.py's resize + center crop."""
 
-    def __init__(self, samples, size, seed, train):
-        self.samples, self.size, self.seed, self.train = samples, size, seed, train
+    def __init__(self, samples, args, train):
+        self.samples, self.args, self.size, self.train = samples, args, args.image_size, train
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, item):
-        from PIL import Image
         epoch, index = item
         path, label = self.samples[index]
         try:
             if not self.train:
                 return M.eval_image(path, self.size, int(self.size / M.CROP_RATIO)), label
-            im, (W, H) = M.open_rgb(path)
+            return pil_to_chw(flip_jitter_pil(*crop_photo(self.args, epoch, index, path, self.size))), label
         except M.ImageError as e:
             raise UserError(str(e)) from None
-        rng = seeded(self.seed, epoch, index, 2)
-        area, ratio = W * H * rng.uniform(0.08, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = min(W, round(math.sqrt(area * ratio))), min(H, round(math.sqrt(area / ratio)))
-        x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-        im = im.resize((self.size, self.size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()), label
 
 
 class LoaderBatches:
     """ImageNet-style folders through a DataLoader; restartable like TensorBatches."""
 
     def __init__(self, samples, args, device, train=True):
-        self.items = ImageNetItems(samples, args.image_size, args.seed, train)
+        self.items = ImageNetItems(samples, args, train)
         self.batch_size, self.seed, self.workers, self.device = args.batch_size, args.seed, args.workers, device
 
     def _loader(self, batches):
@@ -303,7 +289,7 @@ class LoaderBatches:
     def __call__(self):
         epoch = 0
         while True:
-            order = seeded(self.seed, epoch, 0).permutation(len(self.items))
+            order = M.seeded(self.seed, epoch, M.Stream.ORDER).permutation(len(self.items))
             steps = len(order) // self.batch_size
             batches = [[(epoch, int(i)) for i in order[s * self.batch_size:(s + 1) * self.batch_size]] for s in range(steps)]
             for x, y in self._loader(batches):
@@ -325,14 +311,14 @@ def make_batches(args, device):
             raise UserError(f"train/ and val/ of {args.data_dir} have different classes")
         if len(train) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train)} images)")
-        val = [val[i] for i in seeded(args.seed, 0, 1).permutation(len(val))]  # a class-mixed prefix for --verify
+        val = [val[i] for i in M.seeded(args.seed, M.Stream.HOLDOUT).permutation(len(val))]  # class-mixed, for --verify
         return LoaderBatches(train, args, device), LoaderBatches(val, args, device, train=False), len(classes), "imagenet"
     ((x_tr, y_tr), (x_va, y_va)), num_classes, mean, std = (read_cifar if args.dataset != "folder" else read_folder_32)(args)
     if len(y_tr) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(y_tr)} images)")
-    keep = torch.from_numpy(seeded(args.seed, 0, 1).permutation(len(y_va)))
-    val = TensorBatches(x_va[keep], y_va[keep], mean, std, args.batch_size, args.seed, device, train=False)
-    return TensorBatches(x_tr, y_tr, mean, std, args.batch_size, args.seed, device), val, num_classes, "cifar"
+    keep = torch.from_numpy(M.seeded(args.seed, M.Stream.HOLDOUT).permutation(len(y_va)))
+    val = TensorBatches(x_va[keep], y_va[keep], mean, std, args, device)
+    return TensorBatches(x_tr, y_tr, mean, std, args, device), val, num_classes, "cifar"
 
 
 def build_model(args, num_classes, stem, device):
@@ -348,7 +334,8 @@ def build_model(args, num_classes, stem, device):
     else:
         torch.manual_seed(args.seed)
         net = M.build_model(args.arch, num_classes, stem=stem)
-    return M.use_matmul_conv(net.to(device).to(memory_format=torch.channels_last))  # the trainers' arithmetic
+    net = net.to(device).to(memory_format=torch.channels_last)
+    return M.use_matmul_conv(net) if stem == "cifar" else net  # each trainer's arithmetic: cifar.py's --matmul-conv
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,7 +356,7 @@ def trailing_mean(values, window):
 def centred_mean(values, window):
     """A moving average centred on each point (shorter at the ends): smoothing without lag. An exponential average
     (fastai's and torch-lr-finder's beta=0.98) trails the raw loss by up to ~50 steps, which on a 100-step sweep over
-    several decades moves the features of the curve to larger LRs: the minimum of a real sweep (README) 4x too high."""
+    several decades moves the features of the curve to larger LRs: the minimum of a real sweep (bench/README.md) 4x too high."""
     v, half = np.asarray(values, dtype=float), window // 2
     return np.array([np.mean(v[max(0, i - half):i + half + 1]) for i in range(len(v))])
 
@@ -479,7 +466,7 @@ def validation_loss(net, val_batches, device, amp_dtype, limit=2000):
 
 
 def short_one_cycle(net, train_batches, lr, steps, args, device, amp_dtype):
-    """cifar.py's One Cycle (25% warm-up from lr/25, cosine down to lr/25e4, momentum 0.95 -> 0.85 -> 0.95), in
+    """cifar.py's One Cycle (25% warm-up from lr/25, cosine down to lr/25e4, momentum --momentum -> 0.85 -> back), in
     `steps` steps, from the given weights, on the batch sequence from its start."""
     opt = torch.optim.SGD(param_groups(net, args.wd), lr=lr, momentum=args.momentum)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25,
@@ -600,12 +587,138 @@ def run(args):
     print(f"swept {len(records)} steps, " + (f"the loss diverged at lr {stopped:.3g}" if stopped else
           f"the loss never diverged up to lr {args.end_lr:g}: the curve may be incomplete (raise --end-lr)") +
           "; suggestions: " + ", ".join(f"{k} {sug[k]:.3g}" for k in RULES), flush=True)
-    note = "" if result["verified"] else f" (unverified: --verify 100 checks it with short runs from each candidate)"
+    note = "" if result["verified"] else " (unverified: --verify 100 checks it with short runs from each candidate)"
     print(f"suggested One Cycle peak LR: {result['suggested_lr']:.3g}, by {result['suggested_by']}{note}; next:\n"
           f"    {next_command(args, result['suggested_lr'])}", flush=True)
     if args.json:
         print(json.dumps(result), flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainers' augmentation, carried byte for byte (test_layout.py checks): cifar.py's, then imagenet_ddp.py's
+# ---------------------------------------------------------------------------------------------------
+def epoch_order(seed, epoch, n):
+    return torch.from_numpy(M.seeded(seed, epoch, M.Stream.ORDER).permutation(n))
+
+
+def batch_randomness(args, epoch, step, batch_size):
+    """Everything random about one training batch, from (seed, epoch, step) alone."""
+    rng = M.seeded(args.seed, epoch, step, M.Stream.BATCH)
+    r = {"shift": rng.integers(0, 2 * args.crop_pad + 1, size=(batch_size, 2)),
+         "flip": rng.random(batch_size) < (0.0 if args.no_flip else 0.5),
+         "cut_center": rng.integers(0, 32, size=(batch_size, 2)), "mix": None}
+    use_mixup, use_cutmix = args.mixup > 0, args.cutmix > 0
+    if use_mixup and use_cutmix:  # one of them per batch, as timm does
+        use_mixup, use_cutmix = (True, False) if rng.random() < 0.5 else (False, True)
+    if use_mixup:
+        r["mix"] = ("mixup", float(rng.beta(args.mixup, args.mixup)), None)
+    elif use_cutmix:
+        lam = float(rng.beta(args.cutmix, args.cutmix))
+        r["mix"] = ("cutmix", lam, rng.integers(0, 32, size=2))
+    return r
+
+
+def augment(x_u8, r, mean, std, pad, cutout, channels_last):
+    """uint8 [B,3,H,W] -> normalised float [B,3,H,W]: random crop (zero padding), flip, CutOut."""
+    B, C, H, W = x_u8.shape
+    dev = x_u8.device
+    as_dev = lambda a: torch.as_tensor(a, device=dev)
+    if pad > 0:
+        xp = F.pad(x_u8, (pad, pad, pad, pad))
+        shift = as_dev(r["shift"])
+        rows = (shift[:, 0:1] + torch.arange(H, device=dev))[:, None, :, None]
+        cols = (shift[:, 1:2] + torch.arange(W, device=dev))[:, None, None, :]
+        x_u8 = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
+    x_u8 = torch.where(as_dev(r["flip"])[:, None, None, None], x_u8.flip(3), x_u8)
+    x = M.normalize(x_u8, mean, std, channels_last)
+    if cutout > 0:
+        # CutOut (DeVries & Taylor 2017): zero a square after normalisation (0 = the mean colour); the square
+        # may hang over the border, as in the paper.
+        center = as_dev(r["cut_center"])
+        cy, cx = center[:, 0, None, None, None], center[:, 1, None, None, None]
+        yy = torch.arange(H, device=dev)[None, None, :, None]
+        xx = torch.arange(W, device=dev)[None, None, None, :]
+        y0, x0 = cy - cutout // 2, cx - cutout // 2
+        hole = (yy >= y0) & (yy < y0 + cutout) & (xx >= x0) & (xx < x0 + cutout)
+        x = x.masked_fill(hole, 0.0)
+    return x
+
+
+def draw_augmentation(args, epoch, index, width, height):
+    """Everything random about training photo `index` of `epoch` (a width x height photo), from (seed, epoch, index)."""
+    rng = M.seeded(args.seed, epoch, index, M.Stream.IMAGE)
+    box = sample_crop(rng, width, height, args.min_scale)
+    flip = bool(rng.random() < 0.5)
+    j = args.color_jitter
+    factors = rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
+    return Draws(box, flip, factors, rng.permutation(3))
+
+
+def crop_photo(args, epoch, index, path, size):
+    """Decode the photo, crop its drawn box and resize it to size x size. Returns the PIL image and its Draws."""
+    from PIL import Image
+    d = []
+
+    def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
+        d.append(draw_augmentation(args, epoch, index, W, H))  # keeps the crop >= size on both sides
+        return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
+    im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: see TrainSet.readable())
+    d = d[0] if d else draw_augmentation(args, epoch, index, W, H)  # not a JPEG: smallest_size() was not called
+    x0, y0, w, h = d.box
+    sx, sy = im.size[0] / W, im.size[1] / H
+    return im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)), d
+
+
+def flip_jitter_pil(im, d):
+    """The crop's flip and ColorJitter (brightness, contrast, saturation in a random order, as torchvision's)."""
+    from PIL import Image, ImageEnhance
+    if d.flip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if d.factors is not None:
+        enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        for i in d.order:
+            im = enhancers[i](im).enhance(float(d.factors[i]))
+    return im
+
+
+def sample_crop(rng, width, height, min_scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (Szegedy et al. 2015, as in torchvision): area fraction U(min_scale, 1),
+    log-uniform aspect ratio, 10 tries, else a center crop clamped to the ratio range."""
+    area = width * height
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(*log_r))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclasses.dataclass
+class Draws:
+    """Everything random about one training image: the crop box in the original image, the flip, and the
+    brightness/contrast/saturation factors with their order. CPU and GPU decoding apply the same draws."""
+    box: tuple
+    flip: bool
+    factors: object  # np.ndarray of 3 factors, or None without jitter
+    order: np.ndarray
+
+    def as_row(self):
+        f = self.factors if self.factors is not None else np.ones(3)
+        return [*self.box, float(self.flip), *f, *self.order]
+
+
+def pil_to_chw(im):
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
 def main(argv=None):

@@ -13,13 +13,18 @@ Besides the networks, this file holds what the scripts must never disagree on, a
 - the checkpoint format (atomic save, safe load, rebuild the network from a checkpoint);
 - the evaluation preprocessing a checkpoint records (stem, mean/std, resize and crop sizes), used by
   both trainers' validation and by predict.py, so a prediction sees exactly the pixels validation saw;
+- which files are images and how a class-folder data set is listed;
+- the named seed streams every random draw of training comes from, so that lrfind.py draws what the trainers draw;
 - the names of the 1,000 ImageNet classes by synset (n01440764 -> tench);
 - MatmulConv2d, the CPU bf16 speed-up for 3x3 convs on tiny maps that cifar.py and lrfind.py train with.
 """
+import enum
 import errno
 import io
 import os
 import tempfile
+
+import numpy as np
 
 import torch
 import torch.nn as nn
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "ARCHS", "build_model", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "CheckpointError",
            "preprocessing", "eval_image", "open_rgb", "normalize", "ImageError", "readable_class_names",
+           "imagenet_class_names", "IMAGE_EXTS", "is_image", "list_image_folder", "FolderError", "Stream", "seeded",
            "use_matmul_conv", "MatmulConv2d"]
 
 
@@ -350,6 +356,54 @@ def normalize(x_u8, mean, std, channels_last=False):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Data sets: which files are images, how a class-folder data set is listed, and the seed streams
+# ---------------------------------------------------------------------------------------------------
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class FolderError(ValueError):
+    """A data folder that is missing, or holds no class folders or no images."""
+
+
+def is_image(filename):
+    return filename.lower().endswith(IMAGE_EXTS)
+
+
+def list_image_folder(root):
+    """ImageFolder layout: root/<class>/**/<image>, classes sorted (torchvision's class indices), files sorted, links
+    followed. Returns (classes, [(path, label)])."""
+    if not os.path.isdir(root):
+        raise FolderError(f"{root}: no such folder")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FolderError(f"{root} holds no class folders (expected {root}/<class>/<image>)")
+    samples = []
+    for label, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+            samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if is_image(f)]
+    if not samples:
+        raise FolderError(f"{root} holds no images in its class folders")
+    return classes, samples
+
+
+class Stream(enum.IntEnum):
+    """The seed streams. Every random draw of training is seeded(seed, <what it is about>, stream): one stream per
+    kind of draw, so that no draw depends on how many others were made before it (by other workers, ranks, or the
+    part of a run before a resume), and lrfind.py's sweep draws exactly what the trainers draw."""
+    ORDER = 0  # seeded(seed, epoch, ORDER): the epoch's permutation of the training set
+    BATCH = 1  # seeded(seed, epoch, step, BATCH): cifar.py's crops, flips, CutOut and MixUp/CutMix of one batch
+    IMAGE = 2  # seeded(seed, epoch, index, IMAGE): imagenet_ddp.py's crop, flip and colour jitter of one photo
+    MIX = 3  # seeded(seed, epoch, step, MIX): imagenet_ddp.py's MixUp/CutMix of one step
+    REPLACEMENT = 4  # seeded(seed, epoch, index, REPLACEMENT): the photos that may stand in for a broken one
+    HOLDOUT = 5  # seeded(seed, HOLDOUT): lrfind.py's class-mixed validation subset
+
+
+def seeded(*ints):
+    """A numpy Generator that depends only on the given integers (seed, epoch, index, ..., Stream)."""
+    return np.random.default_rng(np.random.SeedSequence([int(i) for i in ints]))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Class names. ImageNet-style folders are named by WordNet synset (n01440764); people read "tench".
 # ---------------------------------------------------------------------------------------------------
 def readable_class_names(classes):
@@ -358,9 +412,15 @@ def readable_class_names(classes):
     index = {wnid: i for i, wnid in enumerate(IMAGENET_SYNSETS)}
     if not classes or not all(c in index for c in classes):
         return list(classes)
-    from torchvision.models import ResNet50_Weights  # metadata only: nothing is downloaded
-    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    names = imagenet_class_names()
     return [names[index[c]] for c in classes]
+
+
+def imagenet_class_names():
+    """The 1,000 ImageNet-1k category names in class-index order: torchvision's list, the one its pretrained weights
+    use (metadata only: nothing is downloaded)."""
+    from torchvision.models import ResNet50_Weights
+    return list(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
 # The 1,000 ImageNet-1k synsets in class-index order (sorted, as ImageFolder sorts the folders).
@@ -473,10 +533,9 @@ n12768682 n12985857 n12998815 n13037406 n13040303 n13044778 n13052670 n13054560 
 # ---------------------------------------------------------------------------------------------------
 class _Conv3x3Matmul(torch.autograd.Function):
     """A 3x3, padding-1 convolution (stride 1 or 2) as matmuls over im2col columns: the forward pass, the input
-    gradient and the weight gradient are one matmul each. Measured on a 2-core Intel Sapphire Rapids VM (bf16,
-    batch 128, channels_last, forward + backward): 512 -> 512 channels on 4x4 maps 164 ms with oneDNN, 61 ms as
-    matmuls; the stride-2 256 -> 512 conv (8x8 -> 4x4) 98 ms -> 27 ms. On 8x8 outputs oneDNN wins (73 ms against
-    92), and the columns (9x the activations) get big."""
+    gradient and the weight gradient are one matmul each. On 4x4 outputs, under CPU bf16, this is 2.7-3.6x faster
+    than oneDNN's convolution; from 8x8 up oneDNN wins, and the columns (9x the activations) get big (the
+    measurements: bench/README.md, "CPU bf16: 3x3 convs on tiny maps")."""
 
     @staticmethod
     def forward(ctx, x, w, stride):

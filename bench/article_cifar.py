@@ -62,24 +62,26 @@ def main():
     args = cifar.get_args(rest + ["--out", "unused"])
     data = cifar.load_data(args)
     steps_per_epoch = len(data.y_tr) // args.batch_size
-    run = cifar.build_run(args, len(data.classes), max(steps_per_epoch, 2 * own.steps + 10))
-    data.x_tr, data.y_tr = data.x_tr.to(run.device), data.y_tr.to(run.device)
-    order = cifar.epoch_order(args.seed, 0, len(data.y_tr)).to(run.device)
-    draws = cifar.EpochDraws(args, 0, steps_per_epoch, run.device)
+    device = cifar.pick_device(args.device)
+    place = cifar.Place(0, 1, device, cifar.pick_amp(args.amp, device))
+    run = cifar.build_run(args, len(data.classes), max(steps_per_epoch, 2 * own.steps + 10), place)
+    data.x_tr, data.y_tr = data.x_tr.to(run.place.device), data.y_tr.to(run.place.device)
+    order = cifar.epoch_order(args.seed, 0, len(data.y_tr)).to(run.place.device)
+    draws = cifar.EpochDraws(args, 0, steps_per_epoch, run.place.device)
     contenders = {"pipeline": (lambda i: cifar.training_batch(args, data, order, draws, i % steps_per_epoch), cifar.stepper(run)),
-                  "article": article_recipe(args, run.device)}
+                  "article": article_recipe(args, run.place.device)}
     for make_batch, step_fn in contenders.values():
-        cifar.timed_steps(3, make_batch, step_fn, run.device)
+        cifar.timed_steps(3, make_batch, step_fn, run.place.device)
     seconds = dict.fromkeys(contenders, 0.0)
     for r in range(own.steps // 2):
         for name, (make_batch, step_fn) in contenders.items():
-            seconds[name] += cifar.timed_steps(2, make_batch, step_fn, run.device, first=3 + 2 * r)
+            seconds[name] += cifar.timed_steps(2, make_batch, step_fn, run.place.device, first=3 + 2 * r)
             if name == "article":
                 # let its workers refill their queue untimed, so that they do not steal the next round's cores: this
                 # flatters the article's recipe, whose data preparation is then not timed at all
                 time.sleep(1.0)
     rate = {k: (own.steps // 2) * 2 * args.batch_size / s for k, s in seconds.items()}
-    print(json.dumps(dict(arch=args.arch, batch_size=args.batch_size, amp=cifar.amp_name(run.amp_dtype),
+    print(json.dumps(dict(arch=args.arch, batch_size=args.batch_size, amp=cifar.amp_name(run.place.amp_dtype),
                           steps=(own.steps // 2) * 2, pipeline_img_per_s=round(rate["pipeline"], 1),
                           article_img_per_s=round(rate["article"], 1),
                           pipeline_vs_article=round(rate["pipeline"] / rate["article"], 2))), flush=True)

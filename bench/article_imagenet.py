@@ -40,7 +40,7 @@ def loaders(a, samples):
     import torchvision
     args = imagenet_ddp.get_args(["--data", a.data, "--image-size", str(a.image_size), "--batch-size", str(a.batch_size)])
     n = len(samples) // a.batch_size * a.batch_size
-    order = imagenet_ddp.seeded(0, 0, 0).permutation(len(samples))[:n].tolist()
+    order = imagenet_ddp.M.seeded(0, 0, imagenet_ddp.M.Stream.ORDER).permutation(len(samples))[:n].tolist()
     batches = [[(0, i) for i in order[b:b + a.batch_size]] for b in range(0, n, a.batch_size)]
     common = dict(num_workers=a.workers, worker_init_fn=imagenet_ddp.worker_init, prefetch_factor=4)
     ours = lambda place: torch.utils.data.DataLoader(imagenet_ddp.TrainSet(samples, args, "cpu", place),

@@ -25,8 +25,8 @@ MUTATIONS = [
     ("folder loader measures the mean", "cifar.py", "mean = tuple(round(v, 4) for v in x_tr.mean(dim=(0, 2, 3)).tolist())",
      "mean = (0.5, 0.5, 0.5)", "test_cifar_folder_loader_resizes_converts_and_measures_mean_std"),
     ("evaluation counts each image once (no padding)", "imagenet_ddp.py",
-     "mine = list(range(r.rank, len(samples), r.world))",
-     "mine = [i % len(samples) for i in range(r.rank, len(samples) + len(samples) % r.world, r.world)]",
+     "mine = list(range(place.rank, len(samples), place.world))",
+     "mine = [i % len(samples) for i in range(place.rank, len(samples) + len(samples) % place.world, place.world)]",
      "test_ddp_evaluate_agrees_on_1_and_2_processes_and_with_the_training_figure"),
     ("DDP stop saves last.pt at the step it names", "imagenet_ddp.py",
      "                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))\n                return done",
@@ -36,7 +36,8 @@ MUTATIONS = [
      "test_a_loader_left_running_does_not_hang_the_exit"),
     # The founding article's pitfalls, put back one at a time (README: Tests)
     ("pitfall 1: imagenet_ddp.py's epoch order ignores the epoch", "imagenet_ddp.py",
-     "order = seeded(self.seed, self.epoch, 0).permutation(self.n)", "order = seeded(self.seed, 0, 0).permutation(self.n)",
+     "order = M.seeded(self.seed, self.epoch, M.Stream.ORDER).permutation(self.n)",
+     "order = M.seeded(self.seed, 0, M.Stream.ORDER).permutation(self.n)",
      "test_ddp_epoch_order_is_new_each_epoch_and_ranks_split_it"),
     ("pitfall 1: imagenet_ddp.py's loop never tells the sampler the epoch", "imagenet_ddp.py",
      "loop.sampler.set_epoch(epoch, start_step)", "loop.sampler.set_epoch(0, start_step)",
@@ -45,8 +46,8 @@ MUTATIONS = [
      "lo = (m * self.world + self.rank) * self.batch", "lo = m * self.world * self.batch",
      "test_ddp_epoch_order_is_new_each_epoch_and_ranks_split_it"),
     ("pitfall 1: cifar.py's epoch order ignores the epoch", "cifar.py",
-     "order = epoch_order(args.seed, epoch, len(data.y_tr)).to(run.device)",
-     "order = epoch_order(args.seed, 0, len(data.y_tr)).to(run.device)", "test_trainers_draw_a_new_permutation_every_epoch"),
+     "order = epoch_order(args.seed, epoch, len(data.y_tr)).to(run.place.device)",
+     "order = epoch_order(args.seed, 0, len(data.y_tr)).to(run.place.device)", "test_trainers_draw_a_new_permutation_every_epoch"),
     ("pitfall 2: imagenet_ddp.py's last.pt holds the wrapped model's keys", "imagenet_ddp.py",
      "return dict(model=run.model.state_dict(), ema=", "return dict(model=run.fwd.state_dict(), ema=",
      "test_checkpoints_of_compiled_models_load_into_a_bare_one"),
@@ -62,7 +63,7 @@ MUTATIONS = [
     ("pitfall 3: BN statistics summed, not averaged, over the ranks", "imagenet_ddp.py", "                t.div_(world)",
      "                pass", "test_bn_statistics_are_averaged_over_the_ranks"),
     ("pitfall 3: the live BN statistics are not averaged at epoch ends", "imagenet_ddp.py",
-     "    all_average_([b for b in run.model.buffers()], run.world)", "    pass",
+     "    all_average_([b for b in run.model.buffers()], run.place.world)", "    pass",
      "test_ddp_two_processes_train_in_sync_with_exact_val_count"),
     ("pitfall 4: the LR is not scaled by the number of processes", "imagenet_ddp.py",
      "peak_lr = args.lr * args.batch_size * world * args.grad_accum / 256",
@@ -71,12 +72,12 @@ MUTATIONS = [
     ("pitfall 4: the LR is not scaled by --grad-accum", "imagenet_ddp.py",
      "peak_lr = args.lr * args.batch_size * world * args.grad_accum / 256", "peak_lr = args.lr * args.batch_size * world / 256",
      "test_ddp_schedules_and_scaled_lr"),
-    ("pitfall 5: cifar.py's train step ignores --amp", "cifar.py", "with autocast(run.device, run.amp_dtype):\n        logits = run.fwd(x)",
-     "with autocast(run.device, None):\n        logits = run.fwd(x)", "test_mixed_precision_halves_the_activation_memory"),
+    ("pitfall 5: cifar.py's train step ignores --amp", "cifar.py", "with autocast(run.place.device, run.place.amp_dtype):\n        logits = run.fwd(x)",
+     "with autocast(run.place.device, None):\n        logits = run.fwd(x)", "test_mixed_precision_halves_the_activation_memory"),
     ("pitfall 5: imagenet_ddp.py's train step ignores --amp", "imagenet_ddp.py",
-     "with autocast(run.device, run.amp_dtype):\n                logits = run.fwd(x)",
-     "with autocast(run.device, None):\n                logits = run.fwd(x)", "test_mixed_precision_halves_the_activation_memory"),
-    ("fp16 without a loss scaler", "imagenet_ddp.py", "scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)",
+     "with autocast(run.place.device, run.place.amp_dtype):\n                logits = run.fwd(x)",
+     "with autocast(run.place.device, None):\n                logits = run.fwd(x)", "test_mixed_precision_halves_the_activation_memory"),
+    ("fp16 without a loss scaler", "imagenet_ddp.py", "scaler = torch.amp.GradScaler(device.type, enabled=place.amp_dtype == torch.float16)",
      "scaler = torch.amp.GradScaler(device.type, enabled=False)", "test_resume_switches_precision"),
     # Beyond the article: the other silent killers of accuracy
     ("EMA decay inverted (keeps the new weights' share small)", "cifar.py",
@@ -89,7 +90,7 @@ MUTATIONS = [
      "torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)",
      "torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0)",
      "test_ema_follows_its_decay_and_averages_bn_statistics"),
-    ("EMA BN statistics left per rank", "imagenet_ddp.py", "        all_average_([b for b in run.ema.module.buffers()], run.world)",
+    ("EMA BN statistics left per rank", "imagenet_ddp.py", "        all_average_([b for b in run.ema.module.buffers()], run.place.world)",
      "        pass", "test_ddp_reference_run_scales_the_lr_and_saves_bare_synced_weights"),
     ("label smoothing applied twice", "cifar.py", "loss = F.cross_entropy(logits, y, label_smoothing=ls)",
      "loss = F.cross_entropy(logits, y, label_smoothing=1 - (1 - ls) ** 2)",
@@ -114,8 +115,8 @@ MUTATIONS = [
      "image_size=args.val_size, eval_resize=args.val_resize,", "image_size=args.train_size, eval_resize=args.val_resize,",
      "test_checkpoints_record_the_evaluation_preprocessing_validation_used"),
     ("validation resizes otherwise than the checkpoint records", "imagenet_ddp.py",
-     "res = evaluate(net, loop.val_samples, run, args.val_size, args.val_resize)",
-     "res = evaluate(net, loop.val_samples, run, args.val_size, args.val_size)",
+     "res = evaluate(net, loop.val_samples, args, run.place, args.val_size, args.val_resize)",
+     "res = evaluate(net, loop.val_samples, args, run.place, args.val_size, args.val_size)",
      "test_ddp_evaluate_agrees_on_1_and_2_processes_and_with_the_training_figure"),
     ("One Cycle without its momentum cycle (cifar.py)", "cifar.py", "cycle_momentum=args.momentum > 0,\n        base_momentum",
      "cycle_momentum=False,\n        base_momentum", "test_cifar_one_cycle_schedule_values"),
@@ -127,8 +128,8 @@ MUTATIONS = [
     ("the device's blend rounds where PIL truncates", "imagenet_ddp.py", ".clamp_(0, 255).floor_()", ".clamp_(0, 255).round_()",
      "test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit"),
     # The faults a long job meets on its own
-    ("imagenet_ddp.py's log lines do not check the loss", "imagenet_ddp.py", "    s = finite_sums(run, sums, epoch, done)\n    if run.rank == 0:",
-     "    s = sums.state()\n    if run.rank == 0:", "test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3"),
+    ("imagenet_ddp.py's log lines do not check the loss", "imagenet_ddp.py", "    s = finite_sums(run, sums, epoch, done)\n    if run.place.rank == 0:",
+     "    s = sums.state()\n    if run.place.rank == 0:", "test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3"),
     ("cifar.py's log lines do not check the loss", "cifar.py", "s = finite_sums(run, sums, epoch, step + 1)", "s = sums.state()",
      "test_an_absurd_lr_stops_each_trainer_with_one_line_and_exit_3"),
     ("a --save-every save writes NaN weights", "imagenet_ddp.py",
@@ -152,10 +153,10 @@ MUTATIONS = [
      "        for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():",
      "        for source in [index]:", "test_ddp_broken_photos_are_replaced_named_once_and_resume_exactly"),
     ("a broken photo's replacement is drawn at random", "imagenet_ddp.py",
-     "        rng = seeded(self.args.seed, epoch, index, 3)\n", "        rng = np.random.default_rng()\n",
+     "        rng = M.seeded(self.args.seed, epoch, index, M.Stream.REPLACEMENT)\n", "        rng = np.random.default_rng()\n",
      "test_ddp_broken_photos_are_replaced_named_once_and_resume_exactly"),
     ("a broken validation photo counts in val_images", "imagenet_ddp.py", "(pred == y[:, None]).any(1).sum().double(), valid.sum().double()])",
-     "(pred == y[:, None]).any(1).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=r.device)])",
+     "(pred == y[:, None]).any(1).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64, device=place.device)])",
      "test_ddp_broken_photos_are_replaced_named_once_and_resume_exactly"),
     ("--max-broken-images is ignored", "imagenet_ddp.py", "    if len(train_set.broken) > limit:", "    if False:",
      "test_ddp_broken_training_photos_past_the_limit_stop_the_run_in_one_line"),
@@ -167,6 +168,15 @@ MUTATIONS = [
      'store.check([f"{name}/echo/{rank}"]):', "test_a_restarted_rank_waits_for_its_own_rank_0_not_the_name"),
     ("loader workers outlive a killed rank", "imagenet_ddp.py", "    if rank_pid is not None:\n        exit_with(rank_pid)",
      "    pass", "test_torchrun_restart_after_a_rank_is_killed_resumes_exactly_and_leaves_nothing"),
+    # One story per script: copies stay identical, lrfind.py sweeps with the trainers' augmentation
+    ("a fix reaches cifar.py's copy of EMA only", "cifar.py", "d = min(self.decay, (1 + self.updates) / (10 + self.updates))",
+     "d = min(self.decay, (1 + self.updates) / (9 + self.updates))", "test_carried_copies_are_byte_identical"),
+    ("lrfind.py's CIFAR sweep repeats epoch 0's crops", "lrfind.py", "r = batch_randomness(args, epoch, step, self.batch_size)",
+     "r = batch_randomness(args, 0, step, self.batch_size)", "test_lrfind_sweeps_with_each_trainers_augmentation"),
+    ("lrfind.py's ImageNet sweep skips the colour jitter", "lrfind.py",
+     "return pil_to_chw(flip_jitter_pil(*crop_photo(self.args, epoch, index, path, self.size))), label",
+     "return pil_to_chw(crop_photo(self.args, epoch, index, path, self.size)[0]), label",
+     "test_lrfind_sweeps_with_each_trainers_augmentation"),
 ]
 only = sys.argv[1:]
 for name, path, old, new, test in MUTATIONS:
@@ -177,8 +187,7 @@ for name, path, old, new, test in MUTATIONS:
     open(path, "w").write(src.replace(old, new))
     try:
         t = time.time()
-        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", f"test_model.py::{test}"]
-                             if "[" in test else [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_model.py", "-k", test],
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests", "-k", test],
                              capture_output=True, text=True, timeout=900)
         last = res.stdout.strip().splitlines()[-1]
         print(f"{'CAUGHT' if res.returncode else 'MISSED'}: {name} -> {test}: {last} ({time.time() - t:.0f}s)", flush=True)
