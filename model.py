@@ -533,8 +533,8 @@ n12768682 n12985857 n12998815 n13037406 n13040303 n13044778 n13052670 n13054560 
 # ---------------------------------------------------------------------------------------------------
 class _Conv3x3Matmul(torch.autograd.Function):
     """A 3x3, padding-1 convolution (stride 1 or 2) as matmuls over im2col columns: the forward pass, the input
-    gradient and the weight gradient are one matmul each. On 4x4 outputs, under CPU bf16, this is 2.7-3.6x faster
-    than oneDNN's convolution; from 8x8 up oneDNN wins, and the columns (9x the activations) get big (the
+    gradient and the weight gradient are one matmul each. On 4x4 outputs, under CPU bf16, this trains about twice as
+    fast as oneDNN's convolution; on 8x8 the two are even, and the columns (9x the activations) get big (the
     measurements: bench/README.md, "CPU bf16: 3x3 convs on tiny maps")."""
 
     @staticmethod
