@@ -218,21 +218,19 @@ def test_docstring_commands_run_with_the_script_alone_beside_model(script, doc_f
 
 
 def test_bench_readme_commands_name_scripts_and_flags_that_exist():
-    """The bench scripts' commands in bench/README.md: each script exists, and each flag it is given is one of its own
-    (argparse scripts answer --help; the others take none)."""
+    """The bench scripts' commands in bench/README.md: each script exists and compiles, and each flag it is given is
+    one of its own (an add_argument of its source) or, for a script that hands the rest to a trainer (article_cifar.py),
+    the trainer's. Read from the source: these scripts run for minutes to hours."""
     _, bench = bench_readme_commands()
     assert len(bench) >= 6, bench
+    trainers = {o for m in (cifar, imagenet_ddp) for a in m.build_parser()._actions for o in a.option_strings}
     for command in bench:
         tokens = shlex.split(command)
         path = os.path.join(HERE, tokens[1])
         assert os.path.isfile(path), command
+        tree = ast.parse(open(path).read())
+        own = {a.value for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "add_argument"
+               for a in n.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
+        passed_on = trainers if "parse_known_args" in open(path).read() else set()
         flags = [t.split("=")[0] for t in tokens[2:] if t.startswith("--")]
-        if "argparse" not in open(path).read():
-            assert not flags, command
-            continue
-        res = run_group([sys.executable, path, "--help"], cwd=HERE)
-        assert res.returncode == 0, (command, res.stderr[-2000:])
-        passed_on = set()  # (a script that hands the flags it does not know to a trainer: article_cifar.py)
-        if "parse_known_args" in open(path).read():
-            passed_on = {o for m in (cifar, imagenet_ddp) for a in m.build_parser()._actions for o in a.option_strings}
-        assert all(f in res.stdout or f in passed_on for f in flags), (command, res.stdout)
+        assert all(f in own | passed_on for f in flags), (command, sorted(own))
