@@ -52,8 +52,9 @@ def bench_readme_commands():
     scripts, bench = [], []
     for c in readme_commands("bench/README.md", bench=True) + [" ".join(c.split()) for c in inline]:
         tokens = shlex.split(c)
-        if any(re.fullmatch(r"[A-Z]+", t) and t != "X" for t in tokens) or "--nnodes=1:4" in c or tokens[-1].endswith(".py") \
-                and tokens[0] == "torchrun":
+        placeholder = any(re.fullmatch(r"[A-Z]+", t) and t != "X" for t in tokens)
+        fragment = tokens[0] == "torchrun" and tokens[-1].endswith(".py")
+        if placeholder or fragment or "--nnodes=1:4" in c:
             continue
         (bench if tokens[1].startswith("bench/") else scripts).append(c)
     return list(dict.fromkeys(scripts)), list(dict.fromkeys(bench))
