@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import gc
 import io
 import json
 import math
@@ -51,11 +52,15 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 (before any process group: see below)
 import torch.nn.functional as F
 
 import model as M
 
-
+# torch.distributed.nn's functions take `group=group.WORLD` as a default argument, evaluated at their import. DDP
+# imports them at its first construction, when WORLD is the live process group: ten references that outlive
+# destroy_process_group(), so gloo's threads ran on into interpreter exit, where a rank that had finished its work
+# could die with "terminate called without an active exception" (SIGABRT). Imported here, they hold None.
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's --signal=USR1@N
 EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
@@ -247,7 +252,8 @@ def main(argv=None):
         return EXIT_WRITE_FAILED
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            gc.collect()  # the run's objects caught in reference cycles (matplotlib's) still hold the process group
+            dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (see the imports)
 
 
 def run_stage(args, inputs, place):

@@ -33,6 +33,12 @@ MUTATIONS = [
      "                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))\n                return done",
      "                save_last(run, loop, epoch, done - 1, finite_sums(run, sums, epoch, done))\n                return done",
      "test_ddp_signal_to_one_rank_stops_all_at_one_step"),
+    ("torch.distributed.nn imported after the process group (its defaults hold it: SIGABRT at exit)", "imagenet_ddp.py",
+     "import torch.distributed.nn  # noqa: F401", "# import torch.distributed.nn  # noqa: F401",
+     "test_ddp_ranks_end_their_process_group_before_the_interpreter_exits"),
+    ("the process group destroyed while reference cycles still hold it", "imagenet_ddp.py",
+     "            gc.collect()  # the run's", "            pass  # the run's",
+     "test_ddp_ranks_end_their_process_group_before_the_interpreter_exits"),
     ("loader workers left at exit are killed", "imagenet_ddp.py", "\n@atexit.register  # (after", "\n# @atexit.register  # (after",
      "test_a_loader_left_running_does_not_hang_the_exit"),
     # The founding article's pitfalls, put back one at a time (README: Tests)

@@ -309,7 +309,9 @@ def torchrun_cmd(nproc, *args, nnodes=1, node_rank=0, port=None, script="imagene
 
 
 def torchrun(nproc, *args, **kw):
-    return run_group(torchrun_cmd(nproc, *args, **kw))
+    res = run_group(torchrun_cmd(nproc, *args, **kw))
+    assert "terminate called" not in res.stderr, res.stderr[-3000:]  # a rank's C++ abort, even in a run that failed
+    return res
 
 
 @pytest.fixture(scope="session")
