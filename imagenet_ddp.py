@@ -228,14 +228,15 @@ def main(argv=None):
             inputs = None if error else check_inputs(args, place, restarts)
         except UserError as e:
             error = e
-        if error is not None:
-            fail(error)
-        # Bad input fails on every rank, but torchrun kills all workers as soon as one exits with an error, which
-        # would cut the other ranks' error lines short. So a rank that failed prints first, then every rank votes
-        # here: all error lines are out before anyone exits, and ranks whose own checks passed exit too.
-        failed = int(all_sum([0.0 if error is None else 1.0], place.device)[0])
-        if failed:
-            return 2 if error is not None else fail(f"{failed} of {place.world} ranks failed their start-up checks (see above)")
+        # Bad input usually fails on every rank alike: rank 0 says each different error once (eight GPUs, one line),
+        # and the others wait for it, since torchrun ends every rank as soon as one exits with an error.
+        errors = [e for e in gathered([None if error is None else str(error)], place.world) if e is not None]
+        if errors:
+            for msg in dict.fromkeys(errors) if place.rank == 0 else ():
+                n = errors.count(msg)
+                fail(msg if n == place.world else f"{msg} (on {n} of {place.world} ranks)")
+            all_sum([0.0], place.device)
+            return 2
         return run_stage(args, inputs, place)
     except DataError as e:
         if int(os.environ.get("RANK", 0)) == 0:
@@ -1611,7 +1612,8 @@ def draw_curves(rows, path):
             b.plot(ep, [r[key] for r in rows], "o-", label=label)
     b.set(title="accuracy", xlabel="epoch", ylabel="%")
     c.plot(ep, [r["lr"] for r in rows], "o-", color="C3")
-    c.set(title="learning rate (at the epoch's end)", xlabel="epoch", ylabel="lr", yscale="log")
+    log = any(r["lr"] > 0 for r in rows)  # (a one-epoch run's only LR is the schedule's final 0)
+    c.set(title="learning rate (at the epoch's end)", xlabel="epoch", ylabel="lr", yscale="log" if log else "linear")
     for ax in (a, b):
         ax.legend()
     for ax in (a, b, c):

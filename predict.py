@@ -9,7 +9,7 @@ Before any training: torchvision's ImageNet ResNet-50 weights in model.py's ResN
 A torchvision-style state_dict (ImageNet class names come from torchvision's metadata):
     python predict.py samples/golden_retriever.jpg --checkpoint resnet50.pth --arch resnet50
 The web demo (needs gradio): drop an image, see the top-5 (add --host 0.0.0.0 to reach it from other machines):
-    python predict.py --serve --port 7860 --examples samples/
+    python predict.py --serve --port 7860 --examples samples/cifar10-1k/test/cat
 
 Checkpoints of cifar.py and imagenet_ddp.py say how they were trained (arch, stem, classes, normalisation, input
 and resize sizes), and EMA weights are used when present. The pixels come from model.py's evaluation preprocessing,

@@ -1,6 +1,7 @@
 """Every launch command of README.md, bench/README.md and the scripts' docstrings runs as written (on tiny data,
 briefly), in a folder holding what a fresh clone holds."""
 import ast
+import json
 import os
 import re
 import shlex
@@ -106,6 +107,10 @@ def make_doc_data(folder):
     for name in ("cifar10-1000", "c10-1800", "c10-5k"):  # (bench/README.md's smaller CIFAR-10 folders)
         os.symlink("cifar10-jpg", folder / "data" / name)
     shutil.copytree(os.path.join(HERE, "samples"), folder / "samples")  # (shipped with the repository)
+    for split, keep in (("train", 4), ("test", 2)):  # (the first run as written: its own test, below)
+        for d in (folder / "samples" / "cifar10-1k" / split).iterdir():
+            for photo in sorted(d.iterdir())[keep:]:
+                photo.unlink()
     write_image_folder(folder / "data" / "imagenet", per_class=(8, 2), size=48)  # (--benchmark 2 needs 6 steps of 4)
     write_image_folder(folder / "data" / "imagenette-224", per_class=(4, 2), size=48,
                        classes=("n01440764", "n02102040", "n02979186"))
@@ -235,3 +240,39 @@ def test_bench_readme_commands_name_scripts_and_flags_that_exist():
         passed_on = trainers if "parse_known_args" in open(path).read() else set()
         flags = [t.split("=")[0] for t in tokens[2:] if t.startswith("--")]
         assert all(f in own | passed_on for f in flags), (command, sorted(own))
+
+
+def test_readme_reading_map_names_what_each_script_defines():
+    """README's map of the code: every story function it names is a top-level definition of its script, above the
+    heading where the machinery starts (main may close the file), and that heading is in the script."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    rows = re.findall(r"^\| `(\w+\.py)` \| (`.+?) \| `# ([^`]+)`", text.split("## Reading the code", 1)[1], re.M)
+    assert sorted(r[0] for r in rows) == sorted(SCRIPTS), rows
+    for script, story, heading in rows:
+        src = open(os.path.join(HERE, script)).read()
+        defined = {n.name: n.lineno for n in ast.parse(src).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        lines = [i + 1 for i, l in enumerate(src.splitlines()) if l.startswith(f"# {heading}")]
+        assert lines, (script, heading)
+        for name in re.findall(r"`(\w+)`", story):
+            assert name in defined, (script, name)
+            assert name == "main" or defined[name] < lines[0], (script, name, heading)
+
+
+def test_the_first_run_needs_no_network_and_prints_no_warning(tmp_path):
+    """README's first training and predict commands, exactly as written, in a folder holding what a fresh clone
+    holds, with the network cut (a network namespace of their own, where unshare can make one): they train on the
+    photos in samples/, predict with the checkpoint just made, and print no warning."""
+    for f in (*SCRIPTS, "model.py"):
+        shutil.copy(os.path.join(HERE, f), tmp_path / f)
+    shutil.copytree(os.path.join(HERE, "samples"), tmp_path / "samples")
+    train, predict = readme_commands()[:2]
+    assert "samples/" in train and " predict.py " in f" {predict} ", (train, predict)
+    offline = ["unshare", "-n"] if run_group(["unshare", "-n", "true"]).returncode == 0 else []
+    for command in (train, predict):
+        res = run_group(offline + [sys.executable if t == "python" else t for t in shlex.split(command)], cwd=tmp_path)
+        assert res.returncode == 0, f"{command}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert "Warning" not in res.stderr and "Warning" not in res.stdout, res.stderr[-3000:]
+    epochs = int(train.split("--epochs ")[1].split()[0])
+    rows = [json.loads(l) for l in open(tmp_path / "runs" / "folder-resnet18" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), rows
+    assert len(re.findall(r"\d+\.\d+%", res.stdout)) == 5, res.stdout  # predict's top-5

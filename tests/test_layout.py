@@ -137,3 +137,13 @@ def test_the_flag_index_names_every_flag_and_only_tests_that_exist():
     named = {n.strip().split(" ")[0] for r in index.splitlines() if r.startswith("| ") for n in r.split("|")[-2].split(",")}
     named = {n for n in named if re.fullmatch(r"[a-z0-9_]+", n) and "_" in n}
     assert named and not named - tests, sorted(named - tests)
+
+
+def test_the_cards_top_level_files_and_requirements_that_leave_torch_alone():
+    """The design card's seven top-level files, and requirements.txt asking for lower bounds only: an exact pin would
+    make `pip install -r requirements.txt` swap out a user's own torch build (CI pins through .ci/constraints.txt)."""
+    card = ("model.py", "cifar.py", "imagenet_ddp.py", "lrfind.py", "predict.py", "test_model.py", "README.md")
+    assert all(os.path.isfile(os.path.join(HERE, f)) for f in card)
+    reqs = [l.split("#")[0].strip() for l in open(os.path.join(HERE, "requirements.txt"))]
+    core = [r for r in reqs if re.match(r"(torch|torchvision)\b", r)]
+    assert len(core) == 2 and all(re.fullmatch(r"torch(vision)?>=[\d.]+", r) for r in core), core
