@@ -276,3 +276,17 @@ def test_the_first_run_needs_no_network_and_prints_no_warning(tmp_path):
     rows = [json.loads(l) for l in open(tmp_path / "runs" / "folder-resnet18" / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), rows
     assert len(re.findall(r"\d+\.\d+%", res.stdout)) == 5, res.stdout  # predict's top-5
+
+
+def test_readme_sbatch_commands_are_the_launch_scripts_the_slurm_tests_run():
+    """README's SLURM commands name the scripts in slurm/, each opens with the same command, parses as bash, and is
+    the one tests/test_slurm.py submits to a real SLURM."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    commands = re.findall(r"^    (sbatch .*? (slurm/\S+\.sbatch))$", text, re.M)
+    assert [c[1] for c in commands] == ["slurm/imagenet.sbatch", "slurm/cifar.sbatch"], commands
+    tested = open(os.path.join(HERE, "tests", "test_slurm.py")).read()
+    for command, script in commands:
+        path = os.path.join(HERE, script)
+        assert f"#   {command}\n" in open(path).read(), script
+        assert run_group(["bash", "-n", path]).returncode == 0, script
+        assert f'"{script}"' in tested, script
