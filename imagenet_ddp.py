@@ -150,8 +150,10 @@ def build_parser():
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "max-autotune"],
-                   help="torch.compile the DDP-wrapped model, so the gradient all-reduce still overlaps the backward pass")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the DDP-wrapped model, so the gradient all-reduce still overlaps the backward pass "
+                        "(no CUDA graphs: max-autotune's break under DDP, pytorch/pytorch#140395)")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
     g.add_argument("--evaluate", action="store_true", help="only evaluate --checkpoint (or --resume) and print JSON")
     g.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps of pure compute and of the real pipeline; JSON")
@@ -1289,7 +1291,7 @@ def pick_amp(amp, device):
         return None
     if amp == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         # Measured: bf16 autocast trains ~3x faster than fp32 on a CPU with AMX (Sapphire Rapids), and ~15x slower
         # than fp32 on one without native bf16 (AMD EPYC, AVX2 only), where it is emulated: those stay in fp32.
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None

@@ -20,6 +20,7 @@ Besides the networks, this file holds what the scripts must never disagree on, a
 """
 import enum
 import errno
+import functools
 import io
 import os
 import tempfile
@@ -349,10 +350,16 @@ def eval_image(image, size, resize=None):
 def normalize(x_u8, mean, std, channels_last=False):
     """uint8 [B, 3, H, W] on any device -> float, per channel (x/255 - mean) / std. Images travel as uint8
     until they reach the device: 4x less to copy than float."""
-    mean = torch.tensor(mean, device=x_u8.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(std, device=x_u8.device).view(1, -1, 1, 1) * 255
+    mean, std = _scaled(tuple(mean), tuple(std), x_u8.device)
     x = (x_u8.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled(mean, std, device):
+    """mean x 255 and std x 255 as [1, 3, 1, 1] tensors on the device, made once: torch.tensor(list, device=cuda)
+    copies from pageable memory and makes the CPU wait for the GPU, which every batch would pay."""
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) * 255 for v in (mean, std))
 
 
 # ---------------------------------------------------------------------------------------------------

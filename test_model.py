@@ -283,3 +283,17 @@ def test_matmul_conv_matches_onednn_and_keeps_parameters():
     fast.load_state_dict(plain.state_dict())  # (training forward passes left slightly different BN statistics)
     with torch.no_grad():  # evaluation is the plain convolution, bit for bit
         assert torch.equal(plain.eval()(x), fast.eval()(x))
+
+
+def test_normalize_makes_its_constants_once_per_device(monkeypatch):
+    """Every batch of every script goes through normalize: building mean and std anew would copy them to the GPU
+    and wait for it each time. The second batch builds no tensor, and the pixels are (x/255 - mean) / std."""
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = M.normalize(x, [0.5, 0.4, 0.3], (0.2, 0.25, 0.3))
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(1) or real(*a, **k))
+    again = M.normalize(x, (0.5, 0.4, 0.3), [0.2, 0.25, 0.3], channels_last=True)
+    assert not made and torch.equal(first, again)
+    mean, std = (real(v, dtype=torch.float64).view(1, 3, 1, 1) for v in ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]))
+    ref = (x.double() / 255 - mean) / std
+    assert torch.allclose(first.double(), ref, atol=1e-5)

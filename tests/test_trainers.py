@@ -10,6 +10,8 @@ import torch.nn as nn
 import model as M
 import cifar
 import imagenet_ddp
+import lrfind
+import predict
 
 from conftest import build_run, CIFAR_FAST, _precision_run, assert_state_equal, free_port, write_image_folder, write_tiny_cifar
 
@@ -299,3 +301,31 @@ def test_checkpoints_record_the_evaluation_preprocessing_validation_used(tmp_pat
     assert pre == dict(size=40, resize=50, mean=M.IMAGENET_MEAN, std=M.IMAGENET_STD)
     x, _ = imagenet_ddp.EvalSet(test, args.val_size, args.val_resize)[3]
     assert torch.equal(x, M.eval_image(test[3][0], pre["size"], pre["resize"]))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native):
+    """torch.cuda.is_bf16_supported() counts emulated bf16 by default (V100, T4), where fp16 with a loss scaler is
+    the fast choice: --amp auto asks for native support, in every script's copy."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    for module in (cifar, imagenet_ddp, lrfind, predict):
+        got = module.pick_amp("auto", torch.device("cuda"))
+        assert got == (torch.bfloat16 if native else torch.float16), module.__name__
+
+
+def test_compile_modes_that_capture_cuda_graphs_are_prepared_for_or_refused(monkeypatch, tmp_path):
+    """cifar.py marks each step's start for both modes that capture CUDA graphs (max-autotune does too), and
+    imagenet_ddp.py offers no mode with CUDA graphs: they break under DDP (pytorch/pytorch#140395)."""
+    import argparse
+    import dataclasses
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    run = build_run(cifar, cifar.get_args(["--out", str(tmp_path), "--amp", "off"]), 3, 20)
+    x = M.normalize(torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8), (0.5,) * 3, (0.25,) * 3, True)
+    for mode, expected in ((None, 0), ("default", 0), ("reduce-overhead", 1), ("max-autotune", 2)):
+        args = argparse.Namespace(**dict(vars(run.args), compile=mode))
+        cifar.train_step(dataclasses.replace(run, args=args), x, torch.tensor([0, 1, 2, 0]), 1.0)
+        assert len(marks) == expected, mode
+    with pytest.raises(imagenet_ddp.UserError, match="invalid choice"):
+        imagenet_ddp.get_args(["--compile", "max-autotune"])
+    assert imagenet_ddp.get_args(["--compile", "max-autotune-no-cudagraphs"]).compile == "max-autotune-no-cudagraphs"
