@@ -322,7 +322,8 @@ def start(args, inputs, place):
     run = build_run(args, len(inputs.classes), sampler.steps, place)
     train_set = TrainSet(inputs.train_samples, args, args.decode, augment_place(args, place.device))
     loader = make_loader(train_set, args.workers, place.device, batch_sampler=sampler)
-    loop = Loop(sampler, train_set, loader, inputs.val_samples, inputs.classes)
+    side = torch.cuda.Stream(place.device) if place.device.type == "cuda" else None  # (one for the run: from a pool)
+    loop = Loop(sampler, train_set, loader, inputs.val_samples, inputs.classes, side)
     log = (lambda msg: print(msg, flush=True)) if place.rank == 0 else (lambda msg: None)
     log(f"data: {len(inputs.train_samples)} train / {len(inputs.val_samples)} val images, {len(inputs.classes)} classes; "
         f"{place.world} process(es) on {place.device}, amp {amp_name(place.amp_dtype)}, global batch {sampler.global_batch}, "
@@ -347,7 +348,7 @@ def train_one_epoch(run, loop, epoch, start_step, sums):
     args, steps = run.args, loop.sampler.steps
     run.ddp.train()
     loop.sampler.set_epoch(epoch, start_step)
-    batches = DeviceBatches(loop.loader, loop.train_set, epoch, run.place.device)
+    batches = DeviceBatches(loop.loader, loop.train_set, epoch, run.place.device, loop.stream)
     vote = StopVote(run.place.device)
     try:
         for step in range(start_step, steps):
@@ -484,6 +485,7 @@ class Loop:
     loader: torch.utils.data.DataLoader
     val_samples: list
     classes: list
+    stream: object = None  # the CUDA side stream that copies the next batch while this one trains
     start_epoch: int = 0
     start_step: int = 0
     carry: dict = None  # the resumed epoch's running sums (EpochSums.state())
@@ -981,10 +983,9 @@ class DeviceBatches:
     batch is copied (with --decode gpu: decoded and augmented) on a side stream while this one trains.
     `wait` is the time spent waiting for the workers (data-wait)."""
 
-    def __init__(self, loader, train_set, epoch, device):
-        self.train_set, self.epoch, self.device, self.wait = train_set, epoch, device, 0.0
+    def __init__(self, loader, train_set, epoch, device, stream=None):
+        self.train_set, self.epoch, self.device, self.wait, self.stream = train_set, epoch, device, 0.0, stream
         self.replaced = []  # indices of the broken photos replaced so far
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         with stop_signals_blocked():
             self.it = iter(loader)
         self.next = self._load()
@@ -1222,8 +1223,8 @@ def setup_distributed(device_name, amp):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs one process without a process group."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
+    if device.type == "cuda":  # (a launcher that shows each rank its own GPU alone leaves one visible)
+        device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
     elif world > 1:  # share the cores between the processes on this node, unless OMP_NUM_THREADS says otherwise
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -1386,18 +1387,29 @@ class StopFlag:
 
 class StopVote:
     """All ranks must stop at the same step, but a signal may reach only some of them. Each step every rank adds
-    its flag to an all_reduce started asynchronously, and reads the result one step later, when it is long done:
-    the vote never makes a step wait for the GPU. Device-side constants avoid a host-to-device copy per step."""
+    its flag to an all_reduce started asynchronously, and reads the result one step later. On a GPU the result is
+    copied to pinned host memory behind the all_reduce, with an event, before the next step is queued: the read waits
+    for that copy alone, never for the step in flight (a plain .item() would wait for everything queued)."""
 
     def __init__(self, device):
         self.flags = (torch.zeros(1, device=device), torch.ones(1, device=device))
         self.pending = None
+        cuda = device.type == "cuda"
+        self.slots = [(torch.zeros(1, pin_memory=True), torch.cuda.Event()) for _ in range(2)] if cuda else None
+        self.casts = 0
 
     def cast(self, flag):
         """Vote now; return the outcome of the previous step's vote."""
         t = self.flags[bool(flag)].clone()
-        work = dist.all_reduce(t, async_op=True) if dist.is_initialized() else None
-        previous, self.pending = self.pending, (t, work)
+        done = dist.all_reduce(t, async_op=True) if dist.is_initialized() else None
+        if self.slots is not None:
+            if done is not None:
+                done.wait()  # (NCCL: the stream waits for the all_reduce, the host does not)
+            (host, done), voted = self.slots[self.casts % 2], t
+            t = host.copy_(voted, non_blocking=True)
+            done.record()
+        self.casts += 1
+        previous, self.pending = self.pending, (t, done)
         return self._outcome(previous)
 
     def settle(self):
@@ -1408,9 +1420,11 @@ class StopVote:
     def _outcome(vote):
         if vote is None:
             return False
-        t, work = vote
-        if work is not None:
-            work.wait()
+        t, done = vote
+        if isinstance(done, torch.cuda.Event):
+            done.synchronize()
+        elif done is not None:
+            done.wait()
         return t.item() > 0
 
 
@@ -1679,7 +1693,9 @@ def benchmark(args, inputs, place):
         raise UserError(f"train/ has {sampler.steps} steps of {args.batch_size}: too few to time --benchmark {args.benchmark}")
     run = build_run(args, len(inputs.classes), sampler.steps, place)
     train_set = TrainSet(train_samples, args, args.decode, augment_place(args, device))
-    batches = DeviceBatches(make_loader(train_set, args.workers, device, batch_sampler=sampler), train_set, 0, device)
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None  # (as the training loop copies batches)
+    loader = make_loader(train_set, args.workers, device, batch_sampler=sampler)
+    batches = DeviceBatches(loader, train_set, 0, device, side)
     sums = EpochSums(run)
     pipeline, wait = timed_steps(run, batches, n, sums)
     fixed = FixedBatch(next(batches))
@@ -1700,7 +1716,7 @@ def benchmark_data(args, inputs, place):
     sampler = EpochBatches(len(samples), args.batch_size, 1, 0, 1, args.seed)
     train_set = TrainSet(samples, args, args.decode, augment_place(args, device))
     loader = make_loader(train_set, args.workers, device, batch_sampler=sampler)
-    batches = DeviceBatches(loader, train_set, 0, device)
+    batches = DeviceBatches(loader, train_set, 0, device, torch.cuda.Stream(device) if device.type == "cuda" else None)
     next(batches)  # workers started and warm
     n_batches = min(args.benchmark_data, sampler.steps - 2)
     sync(device)

@@ -1049,3 +1049,19 @@ def test_ddp_resume_refuses_other_classes_and_settings(inet_data, tmp_path, caps
     assert "not both" in _ddp_error(capsys, *args, "--global-batch", "8", "--grad-accum", "2")
     err = _ddp_error(capsys, *args, "--grad-accum", "2", "--epochs", "3")
     assert "--epochs 2 (not 3)" in err and "global batch" not in err
+
+
+def test_the_stop_vote_is_read_one_step_late_and_never_from_the_step_in_flight(monkeypatch):
+    """A flag raised at step k stops the ranks after step k + 1: each cast reads only the tensor the previous cast
+    voted with (on a GPU, a pinned copy behind an event), never one of the current step, so no read waits for the
+    step in flight."""
+    vote, read, made = imagenet_ddp.StopVote(torch.device("cpu")), [], []
+    real_outcome = imagenet_ddp.StopVote._outcome
+    monkeypatch.setattr(imagenet_ddp.StopVote, "_outcome", staticmethod(
+        lambda v: read.append(None if v is None else id(v[0])) or real_outcome(v)))
+    outcomes = []
+    for step, flag in enumerate([False, False, True, False, False]):
+        outcomes.append(vote.cast(flag))
+        made.append(id(vote.pending[0]))
+        assert read[-1] != made[-1] and (step == 0 or read[-1] == made[-2])
+    assert outcomes == [False, False, False, True, False] and vote.settle() is False
