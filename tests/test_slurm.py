@@ -12,7 +12,8 @@ import pytest
 
 import model as M
 
-from conftest import DDP_COMMON, HERE, assert_state_equal, child_env, free_port, kill_tree, run_script, write_image_folder
+from conftest import (DDP_COMMON, HERE, assert_state_equal, child_env, free_port, kill_tree, run_script,
+                      write_image_folder)
 
 CONF = """ClusterName=resnet-tests
 SlurmctldHost={host}
@@ -74,7 +75,8 @@ def slurm(tmp_path_factory):
         pytest.skip("SLURM's daemons run as root here, and this is not root")
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if not shutil.which(b)]
     if missing or not os.path.exists("/etc/munge/munge.key"):
-        pytest.skip(f"SLURM is not installed ({', '.join(missing) or 'no munge key'}; .ci/run installs slurm-wlm munge)")
+        why = ", ".join(missing) or "no munge key"
+        pytest.skip(f"SLURM is not installed ({why}; .ci/run installs slurm-wlm munge)")
     d = tmp_path_factory.mktemp("slurm")
     (d / "spool").mkdir()
     (d / "state").mkdir()
@@ -123,7 +125,8 @@ def wait_for_line(log, pattern, timeout=240):
         if re.search(pattern, text):
             return text
         time.sleep(0.2)
-    raise AssertionError(f"{pattern!r} not in {log} within {timeout}s:\n{log.read_text()[-3000:] if log.exists() else ''}")
+    text = log.read_text()[-3000:] if log.exists() else ""
+    raise AssertionError(f"{pattern!r} not in {log} within {timeout}s:\n{text}")
 
 
 def come_back(cluster, job):
@@ -154,7 +157,7 @@ def test_a_requeued_slurm_job_continues_at_its_step_and_ends_as_the_uninterrupte
     and ends bit for bit where the uninterrupted 2-process run ended."""
     ref_out, _ = ddp_reference
     job, log = submit(slurm, tmp_path, tmp_path / "run", inet_data)
-    wait_for_line(log, rf"epoch 1/2 step {random.randint(2, 8)}/12")
+    wait_for_line(log, rf"epoch 1/2 step {random.randint(2, 5)}/12")  # (the stop lands a few steps later)
     if ending == "preemption":
         assert slurm.run("scontrol", "requeue", job).returncode == 0
     else:
@@ -172,7 +175,7 @@ def test_scancel_saves_and_ends_the_slurm_job_for_good(slurm, inet_data, tmp_pat
     """scancel: SIGTERM to the job; the ranks save last.pt (loadable, at the step they stopped after), the job ends
     CANCELLED and stays so (no requeue), and nothing of it is left running."""
     job, log = submit(slurm, tmp_path, tmp_path / "run", inet_data)
-    wait_for_line(log, rf"epoch 1/2 step {random.randint(2, 8)}/12")
+    wait_for_line(log, rf"epoch 1/2 step {random.randint(2, 5)}/12")  # (the stop lands a few steps later)
     assert slurm.run("scancel", job).returncode == 0
     slurm.wait_job(job, lambda f: f["JobState"] == "CANCELLED", "was cancelled")
     text = wait_for_line(log, r"stopped by SIGTERM at epoch 1 step \d+; saved")
@@ -197,7 +200,7 @@ def test_cifar_under_slurm_saves_requeues_itself_at_the_time_limit_and_continues
     ref = run_script("cifar.py", *flags, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     job, log = submit(slurm, tmp_path, None, None, "slurm/cifar.sbatch", [*flags, "--out", tmp_path / "run"])
-    wait_for_line(log, rf"epoch 1/2 step {random.randint(3, 20)}/24")
+    wait_for_line(log, rf"epoch 1/2 step {random.randint(3, 12)}/24")
     assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
     fields = come_back(slurm, job)
     text = log.read_text()
