@@ -124,8 +124,8 @@ def build_parser():
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format, faster convs on tensor cores and oneDNN")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the model; reduce-overhead and max-autotune add CUDA graphs, which remove the launch "
-                        "cost of small steps")
+                   help="torch.compile the model; reduce-overhead and max-autotune add CUDA graphs, which remove "
+                        "the launch cost of small steps")
     g.add_argument("--matmul-conv", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU + bf16 only: train 3x3 convs with <= 4x4 outputs as im2col matmuls, faster there")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")

@@ -152,8 +152,8 @@ def build_parser():
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
     g.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the DDP-wrapped model, so the gradient all-reduce still overlaps the backward pass "
-                        "(no CUDA graphs: max-autotune's break under DDP, pytorch/pytorch#140395)")
+                   help="torch.compile the DDP-wrapped model, so the gradient all-reduce still overlaps the backward "
+                        "pass (no CUDA graphs: max-autotune's break under DDP, pytorch/pytorch#140395)")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
     g.add_argument("--evaluate", action="store_true", help="only evaluate --checkpoint (or --resume) and print JSON")
     g.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps of pure compute and of the real pipeline; JSON")
