@@ -10,8 +10,6 @@ One GPU, CIFAR-100, the full recipe:
     python cifar.py --epochs 100 --cutmix 1.0 --label-smoothing 0.1 --ema 0.999
 Resume after preemption or Ctrl-C (the same command plus --resume auto; continues at the exact step):
     python cifar.py --epochs 100 --cutmix 1.0 --label-smoothing 0.1 --ema 0.999 --resume auto
-Input pipeline against pure compute (prints JSON):
-    python cifar.py --dataset folder --data-dir data/cifar10-jpg --benchmark 30
 
 The whole split lives on the training device as one uint8 tensor, and augmentation runs on whole batches
 with tensor ops (crop, flip, CutOut, MixUp/CutMix), so there is no per-image PIL work and no DataLoader:
@@ -53,7 +51,7 @@ CIFAR = {
                      labels="fine_labels", names="fine_label_names",
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
 }
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's --signal=USR1@N
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's USR1@N
 EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
 EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (disk full, quota, read-only)
 
@@ -61,7 +59,7 @@ EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (dis
 class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
 
-    def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
+    def __str__(self):  # (re-raised from a DataLoader worker, its text holds the worker's traceback: keep our line)
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
 
@@ -92,7 +90,7 @@ def build_parser():
     g.add_argument("--workers", type=int, default=2, help="threads that decode a folder data set, once at start")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=list(M.ARCHS), help="network, CIFAR stem")
-    g.add_argument("--zero-init-residual", action="store_true", help="start every block as the identity (Goyal et al. 2017)")
+    g.add_argument("--zero-init-residual", action="store_true", help="start each block as the identity (Goyal et al.)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, default=128, help="images per step")
@@ -100,19 +98,19 @@ def build_parser():
                    help="One Cycle peak LR, for this batch size (default 0.1, lower for a short warm-up: "
                         "--min-warmup-steps); see lrfind.py")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, the top of its cycle")
-    g.add_argument("--base-momentum", type=float, default=0.85, help="bottom of the momentum cycle, reached at the peak LR")
+    g.add_argument("--base-momentum", type=float, default=0.85, help="momentum's cycle bottom, at the peak LR")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     g.add_argument("--wd", type=float, default=5e-4, help="weight decay, not on BN and biases")
     g.add_argument("--warmup-frac", type=float, default=0.25, help="share of the steps spent raising the LR")
     g.add_argument("--min-warmup-steps", type=int, default=50, metavar="N",
-                   help="with the default --lr, the LR climbs to it over no fewer than N steps: a shorter warm-up peaks "
-                        "at 0.1 x its steps / N (small data or few epochs; bench/README.md); 0 = off")
+                   help="with the default --lr, the LR climbs to it over no fewer than N steps: a shorter warm-up "
+                        "peaks at 0.1 x its steps / N (small data or few epochs; bench/README.md); 0 = off")
     g.add_argument("--div-factor", type=float, default=25.0, help="first LR = lr / div-factor")
     g.add_argument("--final-div-factor", type=float, default=1e4, help="last LR = first LR / final-div-factor")
     g.add_argument("--anneal", default="cos", choices=["cos", "linear"], help="One Cycle annealing shape")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--mixup", type=float, default=0.0, help="MixUp Beta(alpha, alpha); 0 = off")
-    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta(alpha, alpha); 0 = off; both on: one per batch")
+    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta(alpha, alpha); 0 = off; with MixUp: either")
     g.add_argument("--cutout", type=int, default=0, help="CutOut square side in pixels; 0 = off")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     g.add_argument("--crop-pad", type=int, default=4, help="random-crop padding in pixels; 0 = no crop")
@@ -123,14 +121,13 @@ def build_parser():
                    help="autocast precision; auto = bf16 where the hardware has it, else fp32")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory format, faster convs on tensor cores and oneDNN")
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the model; reduce-overhead and max-autotune add CUDA graphs, which remove "
                         "the launch cost of small steps")
     g.add_argument("--matmul-conv", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU + bf16 only: train 3x3 convs with <= 4x4 outputs as im2col matmuls, faster there")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
-    g.add_argument("--benchmark", type=int, default=0, metavar="N",
-                   help="time N steps of pure compute against N steps of the real pipeline, print JSON, exit")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder")
     g.add_argument("--resume", default=None, help="'auto' (OUT/last.pt if there is one) or a checkpoint path")
@@ -147,14 +144,15 @@ def get_args(argv=None):
     args.lr = 0.1 if args.lr is None else args.lr
     checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
               (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"),
-              (args.wd >= 0, "--wd must be >= 0"), (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+              (args.wd >= 0, "--wd must be >= 0"),
+              (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
               (args.mixup >= 0 and args.cutmix >= 0, "--mixup/--cutmix alpha must be >= 0"),
               (args.cutout >= 0 and args.crop_pad >= 0, "--cutout/--crop-pad must be >= 0"),
-              (0 <= args.ema < 1, "--ema must be in [0, 1)"), (0 < args.warmup_frac < 1, "--warmup-frac must be in (0, 1)"),
+              (0 <= args.ema < 1, "--ema must be in [0, 1)"),
+              (0 < args.warmup_frac < 1, "--warmup-frac must be in (0, 1)"),
               (args.min_warmup_steps >= 0, "--min-warmup-steps must be >= 0"),
               (args.div_factor > 0 and args.final_div_factor > 0, "--div-factor/--final-div-factor must be > 0"),
-              (args.workers >= 1, "--workers must be >= 1"), (args.log_every >= 1, "--log-every must be >= 1"),
-              (args.benchmark >= 0, "--benchmark must be >= 0")]
+              (args.workers >= 1, "--workers must be >= 1"), (args.log_every >= 1, "--log-every must be >= 1")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
@@ -162,29 +160,23 @@ def get_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# main: check and load the inputs, then train (or time)
+# main: check and load the inputs, then train
 # ---------------------------------------------------------------------------------------------------
 def main(argv=None):
     try:
         args = get_args(argv)
         device = pick_device(args.device)  # (a missing GPU is said before minutes of loading)
-        place = Place(0, 1, device, pick_amp(args.amp, device))
+        place = Place(device, pick_amp(args.amp, device))
         resume, data = prepare(args)
-        return benchmark(args, data, place) if args.benchmark else train(args, resume, data, place)
-    except UserError as e:
+        return train(args, resume, data, place)
+    except (UserError, Diverged, M.WriteError) as e:
         print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except Diverged as e:
-        print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_DIVERGED
-    except M.WriteError as e:
-        print(f"cifar.py: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_WRITE_FAILED
+        return {Diverged: EXIT_DIVERGED, M.WriteError: EXIT_WRITE_FAILED}.get(type(e), 2)
 
 
 def prepare(args):
     """Check and load everything that can fail on bad input, before anything is written."""
-    resume = load_resume(args) if not args.benchmark else None
+    resume = load_resume(args)
     t0 = time.time()
     data = load_data(args)
     if resume is not None and list(resume["classes"]) != list(data.classes):
@@ -198,13 +190,14 @@ def prepare(args):
 
 
 def train(args, resume, data, place):
-    steps_per_epoch = len(data.y_tr) // args.batch_size  # drop the ragged last batch: fixed-size steps for BN and One Cycle
+    steps_per_epoch = len(data.y_tr) // args.batch_size  # (the ragged last batch dropped: fixed-size steps for BN)
     run = build_run(args, len(data.classes), args.epochs * steps_per_epoch, place)
     to_device(run, data, steps_per_epoch)
     start_epoch, start_step, best, carry = 0, 0, -1.0, None
     if resume is not None:
         restore_training_state(resume, run, log=lambda msg: print(msg, flush=True))
-        start_epoch, start_step, best, carry = resume["epoch"], resume["step"], resume["best_top1"], resume["epoch_sums"]
+        start_epoch, start_step = resume["epoch"], resume["step"]
+        best, carry = resume["best_top1"], resume["epoch_sums"]
         print(f"resumed from {resume['path']} at epoch {start_epoch + 1} step {start_step}", flush=True)
     metrics = Metrics(args.out, start_epoch if resume is not None else 0, args.tensorboard)
     progress = Progress(steps_per_epoch, args.epochs, start_epoch, start_step)
@@ -246,9 +239,9 @@ def to_device(run, data, steps_per_epoch):
     data.x_tr, data.y_tr = data.x_tr.to(run.place.device), data.y_tr.to(run.place.device)
     print(f"device {run.place.device}, amp {amp_name(run.place.amp_dtype)}, channels_last {args.channels_last}, "
           f"{steps_per_epoch} steps/epoch", flush=True)
-    if not args.benchmark and peak_lr(args, total) < args.lr:
-        print(f"a warm-up of {args.warmup_frac * total:.0f} steps, under --min-warmup-steps {args.min_warmup_steps}: the LR "
-              f"peaks at {peak_lr(args, total):.3g}, not --lr {args.lr:g}", flush=True)
+    if peak_lr(args, total) < args.lr:
+        print(f"a warm-up of {args.warmup_frac * total:.0f} steps, under --min-warmup-steps {args.min_warmup_steps}: "
+              f"the LR peaks at {peak_lr(args, total):.3g}, not --lr {args.lr:g}", flush=True)
 
 
 class Progress:
@@ -338,8 +331,8 @@ class EpochSums:
 
 
 def finite_sums(run, sums, epoch, step):
-    """The epoch's running sums (under DDP an all_reduce, which every rank runs at the same steps: any rank's NaN makes
-    the sum's, so all ranks stop together on a non-finite loss)."""
+    """The epoch's running sums, read where the loop reads them anyway (log lines, saves): a non-finite loss stops
+    the run here."""
     s = sums.state()
     if not math.isfinite(s["loss"]):
         raise diverged(run, epoch, step)
@@ -350,10 +343,11 @@ def diverged(run, epoch, step):
     """The one line for a run whose loss turned non-finite (checked where the loop reads the loss anyway: log lines
     and saves, so no step waits for the GPU), with what to try."""
     amp = amp_name(run.place.amp_dtype)
-    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}.get(amp, "")
-    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} (lr {run.sched.get_last_lr()[0]:.4g}, "
-                    f"{amp}): the run diverged and stopped, and {run.args.out}/last.pt was not overwritten (it holds "
-                    f"the last finite state, if any). Try a lower --lr (lrfind.py suggests one){hint}")
+    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}
+    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} "
+                    f"(lr {run.sched.get_last_lr()[0]:.4g}, {amp}): the run diverged and stopped, and "
+                    f"{run.args.out}/last.pt was not overwritten (it holds the last finite state, if any). Try a lower "
+                    f"--lr (lrfind.py suggests one){hint.get(amp, '')}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +381,8 @@ def evaluate(run, net, data, tta=False, batch_size=500):
     n = len(data.y_te)
     sums = torch.zeros(3, dtype=torch.float64, device=run.place.device)
     for i in range(0, n, batch_size):
-        x = M.normalize(data.x_te[i:i + batch_size].to(run.place.device, non_blocking=True), data.mean, data.std, run.args.channels_last)
+        x = data.x_te[i:i + batch_size].to(run.place.device, non_blocking=True)
+        x = M.normalize(x, data.mean, data.std, run.args.channels_last)
         y = data.y_te[i:i + batch_size].to(run.place.device, non_blocking=True)
         with autocast(run.place.device, run.place.amp_dtype):
             logits = net(x).float()
@@ -412,7 +407,7 @@ class Run:
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: object  # EMA or None
-    place: "Place"  # device and autocast precision (one process: rank 0 of 1)
+    place: "Place"  # device and autocast precision
 
 
 def build_run(args, num_classes, total_steps, place):
@@ -433,7 +428,8 @@ def build_run(args, num_classes, total_steps, place):
 
 def peak_lr(args, total_steps):
     """--lr, unless it is the default and the warm-up is shorter than --min-warmup-steps: then the LR climbs as fast
-    as it would over those steps and stops there. The default 0.1 is for 100 epochs of 50,000 photos (a ~9,800-step warm-up); reached in
+    as it would over those steps and stops there. The default 0.1 is for 100 epochs of 50,000 photos (a ~9,800-step
+    warm-up); reached in
     15 steps (4 epochs of 1,000 photos) it blows BN's statistics up (val_loss 8,589 after epoch 1, bench/README.md)."""
     warmup_steps = max(args.warmup_frac, 2 / (total_steps + 1)) * (total_steps + 1)
     if not args.default_lr:
@@ -449,7 +445,8 @@ def build_schedule(opt, args, total_steps):
     # schedule. Stepped every iteration (+1: after every step, the last included); warm-up >= 2 steps.
     total = total_steps + 1
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=peak_lr(args, total_steps), total_steps=total, pct_start=max(args.warmup_frac, 2 / total), anneal_strategy=args.anneal,
+        opt, max_lr=peak_lr(args, total_steps), total_steps=total, pct_start=max(args.warmup_frac, 2 / total),
+        anneal_strategy=args.anneal,
         div_factor=args.div_factor, final_div_factor=args.final_div_factor, cycle_momentum=args.momentum > 0,
         base_momentum=args.base_momentum, max_momentum=args.momentum)
 
@@ -464,8 +461,8 @@ def param_groups(model, wd):
 class EMA:
     """Exponential moving average of the weights and BN statistics (Polyak averaging). Evaluating the average rather
     than the last iterate smooths out SGD noise (typically +0.3-1% top-1 on short schedules); the decay ramps up as
-    (1+n)/(10+n), so early averages are not dominated by the random init. Under DDP each rank averages its own BN
-    statistics, and the epoch's end makes them one. One foreach kernel per tensor group, not one per tensor."""
+    (1+n)/(10+n), so early averages are not dominated by the random init. One foreach kernel per tensor group, not
+    one per tensor."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -546,7 +543,8 @@ def augment(x_u8, r, mean, std, pad, cutout, channels_last):
         shift = as_dev(r["shift"])
         rows = (shift[:, 0:1] + torch.arange(H, device=dev))[:, None, :, None]
         cols = (shift[:, 1:2] + torch.arange(W, device=dev))[:, None, None, :]
-        x_u8 = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
+        images = torch.arange(B, device=dev)[:, None, None, None]
+        x_u8 = xp[images, torch.arange(C, device=dev)[None, :, None, None], rows, cols]
     x_u8 = torch.where(as_dev(r["flip"])[:, None, None, None], x_u8.flip(3), x_u8)
     x = M.normalize(x_u8, mean, std, channels_last)
     if cutout > 0:
@@ -611,7 +609,8 @@ def load_cifar(name, data_dir):
             download_and_extract_archive(spec["url"], data_dir, filename=spec["archive"], md5=spec["md5"])
         except Exception as e:
             raise UserError(f"cannot get {name} ({type(e).__name__}): download {spec['url']} and put "
-                            f"{spec['archive']} in {os.path.abspath(data_dir)}/ (or extract it there as {spec['folder']}/)") from None
+                            f"{spec['archive']} in {os.path.abspath(data_dir)}/ (or extract it there as "
+                            f"{spec['folder']}/)") from None
     x_tr, y_tr = _read_cifar_batches(folder, spec["train"], spec["labels"])
     x_te, y_te = _read_cifar_batches(folder, spec["test"], spec["labels"])
     try:
@@ -632,7 +631,8 @@ def _read_cifar_batches(folder, names, label_key):
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d[label_key], dtype=np.int64))
         except FileNotFoundError:
-            raise UserError(f"{path} is missing: the CIFAR folder is incomplete; delete it and extract the archive again") from None
+            raise UserError(f"{path} is missing: the CIFAR folder is incomplete; delete it and extract the archive "
+                            f"again") from None
         except Exception as e:
             raise UserError(f"{path} is not a CIFAR batch file ({type(e).__name__}: {e})") from None
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -706,9 +706,10 @@ def load_resume(args):
     except M.CheckpointError as e:
         raise UserError(str(e)) from None
     if "optimizer" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not a cifar.py training checkpoint (no optimizer state); use --resume with a last.pt")
-    missing = [k for k in ("model", "scheduler", "scaler", "epoch", "step", "best_top1", "epoch_sums", "ema_updates")
-               if k not in ckpt]
+        raise UserError(f"{path} is not a cifar.py training checkpoint (no optimizer state); "
+                        f"use --resume with a last.pt")
+    missing = [k for k in ("model", "scheduler", "scaler", "amp", "epoch", "step", "best_top1", "epoch_sums", "ema",
+                           "ema_updates", "rng_cpu", "rng_cuda") if k not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete training checkpoint (missing {', '.join(missing)})")
     if ckpt.get("arch") != args.arch:
@@ -738,7 +739,7 @@ def restore_training_state(ckpt, run, log):
     run.sched.load_state_dict(ckpt["scheduler"])
     # A job may be requeued on other hardware: fp16 (V100, T4) to bf16 or back, or to fp32. Only fp16 keeps a
     # GradScaler; a run switching to it starts with a fresh loss scale, a run leaving it drops the old one.
-    was = ckpt.get("amp", "fp16" if ckpt["scaler"] else "unknown")
+    was = ckpt["amp"]
     if run.scaler.is_enabled() and ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     if was != amp_name(run.place.amp_dtype):
@@ -747,15 +748,14 @@ def restore_training_state(ckpt, run, log):
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.updates = ckpt["ema_updates"]
-    if ckpt.get("rng_cpu") is not None:  # (absent in checkpoints of earlier versions)
-        torch.set_rng_state(ckpt["rng_cpu"])
-    if isinstance(ckpt.get("rng_cuda"), torch.Tensor) and run.place.device.type == "cuda":
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] is not None and run.place.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng_cuda"], run.place.device)
 
 
 # ===================================================================================================
 # Operations: the machinery around the training story
-# (device and precision, stopping, metrics and curves, the benchmark)
+# (device and precision, stopping, metrics and curves)
 # ===================================================================================================
 
 
@@ -764,9 +764,7 @@ def restore_training_state(ckpt, run, log):
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Place:
-    """Where this process runs: its rank among world processes, its device and autocast precision."""
-    rank: int
-    world: int
+    """Where this run trains: its device and autocast precision."""
     device: torch.device
     amp_dtype: object  # torch.bfloat16, torch.float16 or None (fp32)
 
@@ -807,10 +805,10 @@ def autocast(device, dtype):
 # ---------------------------------------------------------------------------------------------------
 class StopFlag:
     """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step (under DDP, all ranks agree on the step),
-    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank after the whole process
-    group got it; SLURM and Kubernetes signal the group): repeats only confirm the request, and the launcher's
-    own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without a launcher, a second
-    Ctrl-C kills at once."""
+    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank
+    after the whole process group got it; SLURM and Kubernetes signal the group): repeats only confirm the request,
+    and the launcher's own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without torchrun, a
+    second Ctrl-C kills at once."""
 
     def __init__(self):
         self.signum, self.previous = None, {}
@@ -835,8 +833,8 @@ class StopFlag:
 
     def farewell(self, out, where):
         sig = signal.Signals(self.signum or signal.SIGTERM)
-        return (f"stopped by {sig.name} {where}; saved {out}/last.pt. The exit code {128 + sig} (128 + {sig.name}) is on "
-                f"purpose, so a scheduler sees the job as unfinished (torchrun reports it as ChildFailedError); "
+        return (f"stopped by {sig.name} {where}; saved {out}/last.pt. The exit code {128 + sig} (128 + {sig.name}) is "
+                f"on purpose, so a scheduler sees the job as unfinished (torchrun reports it as ChildFailedError); "
                 f"continue with the same command plus --resume auto")
 
 
@@ -855,6 +853,12 @@ class Metrics:
                 self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
         self.save()
         self.tb = open_tensorboard(tensorboard, out)
+        try:
+            import matplotlib  # noqa: F401 (the curves need it, the run does not)
+            self.curves = os.path.join(out, "curves.png")
+        except ImportError:
+            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
+            self.curves = None
 
     def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
         M.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
@@ -867,7 +871,8 @@ class Metrics:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(k, v, row["epoch"])
             self.tb.flush()
-        draw_curves(self.rows, os.path.join(self.out, "curves.png"))
+        if self.curves:
+            draw_curves(self.rows, self.curves)
 
 
 def open_tensorboard(enabled, out):
@@ -881,26 +886,17 @@ def open_tensorboard(enabled, out):
     return SummaryWriter(out)
 
 
-_said_no_matplotlib = []
-
-
 def draw_curves(rows, path):
     """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not _said_no_matplotlib:
-            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
-            _said_no_matplotlib.append(True)
-        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     ep = [r["epoch"] for r in rows]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
     a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (augmented)")
     a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
     a.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
-    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")):
+    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "top-5")):
         if all(key in r for r in rows):
             b.plot(ep, [r[key] for r in rows], "o-", label=label)
     b.set(title="accuracy", xlabel="epoch", ylabel="%")
@@ -925,102 +921,6 @@ def draw_curves(rows, path):
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# ---------------------------------------------------------------------------------------------------
-# --benchmark: the input pipeline against pure compute
-# ---------------------------------------------------------------------------------------------------
-def benchmark(args, data, place):
-    """Pure compute (one fixed batch, already augmented, on an LR-0 twin) against the real pipeline (sampling,
-    augmentation, mixing and the same train step), alternating rounds of 2 steps so that clock drift or a noisy
-    neighbour hits both alike (the same code swings by 2x over minutes on a shared 2-core VM). One JSON line."""
-    steps_per_epoch, B = len(data.y_tr) // args.batch_size, args.batch_size
-    # (more steps than a short schedule has, and OneCycleLR refuses to step past its end)
-    run = build_run(args, len(data.classes), max(steps_per_epoch, 2 * args.benchmark + 10), place)
-    to_device(run, data, steps_per_epoch)
-    order = epoch_order(args.seed, 0, len(data.y_tr)).to(run.place.device)
-    draws = EpochDraws(args, 0, steps_per_epoch, run.place.device)
-    real_batch = lambda i: training_batch(args, data, order, draws, i % steps_per_epoch)
-    fixed = real_batch(0)
-    run.model.train()
-    contenders = {"compute": (lambda i: fixed, stepper(lr0_twin(run))), "pipeline": (real_batch, stepper(run))}
-    for make_batch, step_fn in contenders.values():
-        timed_steps(3, make_batch, step_fn, run.place.device)  # warm-up (and compilation), untimed
-    rounds = max(1, args.benchmark // 2)
-    seconds, done = dict.fromkeys(contenders, 0.0), 3
-    for k in [args.benchmark // rounds + (i < args.benchmark % rounds) for i in range(rounds)]:
-        for name, (make_batch, step_fn) in contenders.items():
-            seconds[name] += timed_steps(k, make_batch, step_fn, run.place.device, first=done)
-        done += k
-    compute, pipeline = (args.benchmark * B / seconds[k] for k in ("compute", "pipeline"))
-    flops = train_flops_per_image(run.model, run.place.device, args.channels_last)
-    peak = matmul_peak_tflops(run.place.device, run.place.amp_dtype)
-    print(json.dumps(dict(
-        arch=args.arch, batch_size=B, device=str(run.place.device), amp=amp_name(run.place.amp_dtype), channels_last=args.channels_last,
-        compile=args.compile, steps=args.benchmark, compute_img_per_s=round(compute, 1), pipeline_img_per_s=round(pipeline, 1),
-        pipeline_vs_compute=round(pipeline / compute, 3), train_gflop_per_img=round(flops / 1e9, 3),
-        achieved_tflops=round(flops * pipeline / 1e12, 3), matmul_peak_tflops=round(peak, 3),
-        mfu=round(flops * pipeline / 1e12 / peak, 3))), flush=True)
-    return 0
-
-
-def timed_steps(n_steps, make_batch, step_fn, device, first=0):
-    """Seconds taken by steps first..first+n_steps, batch making included (the device is synced at both ends)."""
-    sync(device)
-    t = time.time()
-    for i in range(first, first + n_steps):
-        step_fn(*make_batch(i))
-    sync(device)
-    return time.time() - t
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def lr0_twin(run):
-    """A copy of the run whose LR is 0: the same arithmetic (momentum, weight decay, EMA), but it never fits the
-    batch. Fitting one batch over and over would drive gradients into denormal floats, which x86 computes ~100x
-    slower: measured on a Sapphire Rapids VM, a learning copy ran 10% *slower* than the real pipeline."""
-    args, twin = run.args, copy.deepcopy(run.model).train()
-    opt = torch.optim.SGD(param_groups(twin, args.wd), lr=0.0, momentum=args.momentum, nesterov=args.nesterov)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    fwd = torch.compile(twin, mode=args.compile) if args.compile else twin
-    ema = EMA(twin, args.ema) if args.ema > 0 else None
-    return Run(args, twin, fwd, opt, sched, run.scaler, ema, run.place)
-
-
-def stepper(run):
-    def step(x, y, lam):
-        train_step(run, x, y, lam)
-        if run.ema is not None:
-            run.ema.update(run.model)
-    return step
-
-
-def train_flops_per_image(model, device, channels_last):
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(2, 3, 32, 32, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with FlopCounterMode(display=False) as fc:
-        model(x).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return fc.get_total_flops() / 2
-
-
-def matmul_peak_tflops(device, dtype, reps=8):
-    n = 4096 if device.type == "cuda" else 2048  # (a 2048 matmul already runs a CPU at its peak, in an eighth of the time)
-    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-    a @ b
-    sync(device)
-    t = time.time()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.time() - t) / 1e12
 
 
 if __name__ == "__main__":

@@ -3,20 +3,21 @@
 CPU smoke run (one process; CIFAR-10 photos with val/ -> test/ as a symlink):
     python imagenet_ddp.py --data data/cifar10-jpg --arch resnet18 --image-size 64 --epochs 1 --batch-size 32
 Imagenette (10 ImageNet classes) on a CPU: README's result, 5 epochs, 8 minutes on 2 cores with native bf16:
-    python imagenet_ddp.py --data data/imagenette-224 --arch resnet18 --train-size 128 --val-size 128 --epochs 5 --batch-size 64 --lr 0.3 --min-scale 0.35 --color-jitter 0 --schedule onecycle --workers 1 --out runs/imagenette-r18-128-cpu
+    python imagenet_ddp.py --data data/imagenette-224 --arch resnet18 --train-size 128 --val-size 128 --epochs 5 \\
+        --batch-size 64 --lr 0.3 --min-scale 0.35 --color-jitter 0 --schedule onecycle --workers 1 \\
+        --out runs/imagenette-r18-128-cpu
 One node, 8 GPUs:
     torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet
 Two nodes, 8 GPUs each (run on both, node_rank 0 and 1):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \\
         imagenet_ddp.py --data /data/imagenet
 FFCV-style fast schedule: low resolution first, rising to the final size (160 -> 192 px over epochs 25-34):
-    torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet --epochs 40 --train-size 192 --min-train-size 160 --ramp-epochs 25 34 --val-size 224 --out runs/imagenet-ffcv
+    torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet --epochs 40 --train-size 192 \\
+        --min-train-size 160 --ramp-epochs 25 34 --val-size 224 --out runs/imagenet-ffcv
 Resume after preemption (continues at the exact step), or evaluate a checkpoint:
     torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet --resume auto
-    torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet --evaluate --checkpoint runs/imagenet-resnet50/best.pt
-Speed: pure compute against the real pipeline, and the input pipeline alone (each prints JSON):
-    python imagenet_ddp.py --data /data/imagenet --benchmark 30 --workers 8
-    python imagenet_ddp.py --data /data/imagenet --benchmark-data 50 --workers 8
+    torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet --evaluate \\
+        --checkpoint runs/imagenet-resnet50/best.pt
 
 Exactness, by construction:
 - Each epoch has one global order, a permutation derived from (seed, epoch). Global batch b is
@@ -24,13 +25,12 @@ Exactness, by construction:
   run skips the consumed batches without loading them, and the split does not depend on the world size:
   a run started on 2 processes resumes on 1 with --grad-accum 2 (same global batch, same batches).
 - Every random choice of an image's augmentation comes from (seed, epoch, image index), so it does not
-  depend on workers, ranks, the decoder (--decode cpu|gpu) or where the run stopped.
+  depend on workers, ranks or where the run stopped.
 - The training size of an epoch is a function of the epoch (progressive resizing), so a resume across a
   resolution change replays the same sizes.
 - Validation gives each image to exactly one rank (no padding, unlike DistributedSampler) and sums counts.
 """
 import argparse
-import atexit
 import contextlib
 import copy
 import dataclasses
@@ -62,7 +62,7 @@ import model as M
 # destroy_process_group(), so gloo's threads ran on into interpreter exit, where a rank that had finished its work
 # could die with "terminate called without an active exception" (SIGABRT). Imported here, they hold None.
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's --signal=USR1@N
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's USR1@N
 EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
 EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (disk full, quota, read-only)
 
@@ -70,7 +70,7 @@ EXIT_WRITE_FAILED = 4  # a checkpoint or metrics.jsonl could not be written (dis
 class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
 
-    def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
+    def __str__(self):  # (re-raised from a DataLoader worker, its text holds the worker's traceback: keep our line)
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
 
@@ -81,6 +81,12 @@ class DataError(UserError):
 
 class Diverged(Exception):
     """The training loss is not finite: the run stops with EXIT_DIVERGED and writes nothing from then on."""
+
+
+# How each failure ends a rank: its exit code, and who says it: each rank that met it, or rank 0 alone for what every
+# rank meets at the same step. (DataError first: a UserError too. Only rank 0 writes, so only it meets WriteError.)
+EXITS = {DataError: (2, "rank 0"), UserError: (2, "each"), Diverged: (EXIT_DIVERGED, "rank 0"),
+         M.WriteError: (EXIT_WRITE_FAILED, "each")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,47 +101,37 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help: every flag's default, and the docstring's launch commands kept as written."""
 
 
-def add_data_flags(g):
-    g.add_argument("--data", default="./data/imagenet", help="folder holding train/ and val/ (ImageFolder layout)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes per rank (default: this rank's share of the CPU cores less one, "
-                        "for the training loop, at most 16)")
-    g.add_argument("--image-size", type=int, default=224, help="default of --train-size and --val-size")
-    g.add_argument("--train-size", type=int, default=None, help="training crop size (the final one, with --min-train-size)")
-    g.add_argument("--min-train-size", type=int, default=None, help="progressive resizing: the first epochs' crop size (FFCV)")
-    g.add_argument("--ramp-epochs", type=int, nargs=2, default=None, metavar=("START", "END"),
-                   help="progressive resizing: the size rises from --min-train-size at epoch START to --train-size at END")
-    g.add_argument("--val-size", type=int, default=None, help="validation center-crop size (a larger one than training helps: FixRes)")
-    g.add_argument("--val-resize", type=int, default=None, help="validation short-side resize (default: val-size / 0.875)")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter; 0 = off")
-    g.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop smallest area fraction")
-    g.add_argument("--decode", default="cpu", choices=["cpu", "gpu"],
-                   help="gpu: workers only read bytes and draw the augmentation; nvjpeg decodes, the GPU crops and jitters")
-    g.add_argument("--max-broken-images", type=int, default=None, metavar="N",
-                   help="stop when more than N training photos cannot be decoded (each is replaced by another, and "
-                        "named); default: 0.1%% of the training photos, at least 10")
-    g.add_argument("--augment-on", default="auto", choices=["auto", "workers", "device"],
-                   help="where flip and colour jitter run (the same pixels either way); auto = the device on a GPU, "
-                        "so the workers only decode, crop and resize")
-
-
 def build_parser():
     p = Parser(description="DDP ResNet training on an ImageFolder data set (ImageNet).", formatter_class=HelpFormatter,
                epilog="launch commands:\n" + __doc__.split("\n\n")[1])
-    add_data_flags(p.add_argument_group("data"))
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="./data/imagenet", help="folder holding train/ and val/ (ImageFolder layout)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes per rank (default: this "
+                   "rank's share of the CPU cores less one, for the training loop, at most 16)")
+    g.add_argument("--image-size", type=int, default=224, help="default of --train-size and --val-size")
+    g.add_argument("--train-size", type=int, default=None, help="training crop size (the last, with --min-train-size)")
+    g.add_argument("--min-train-size", type=int, default=None, help="progressive resizing: the first epochs' crop size")
+    g.add_argument("--ramp-epochs", type=int, nargs=2, default=None, metavar=("START", "END"), help="progressive "
+                   "resizing: the size rises from --min-train-size at epoch START to --train-size at END (FFCV)")
+    g.add_argument("--val-size", type=int, default=None, help="validation center crop (larger than training: FixRes)")
+    g.add_argument("--val-resize", type=int, default=None, help="validation short-side resize (default: size / 0.875)")
+    g.add_argument("--color-jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter; 0 = off")
+    g.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop smallest area fraction")
+    g.add_argument("--max-broken-images", type=int, default=None, metavar="N", help="stop when more than N training "
+                   "photos cannot be decoded (each is replaced and named); default: 0.1%% of them, at least 10")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet50", choices=list(M.ARCHS), help="network (ImageNet stem)")
-    g.add_argument("--zero-init-residual", action="store_true", help="start every block as the identity (Goyal et al. 2017)")
-    g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes (GPUs only)")
+    g.add_argument("--zero-init-residual", action="store_true", help="start each block as the identity (Goyal et al.)")
+    g.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (GPUs only)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=90, help="training epochs")
     g.add_argument("--batch-size", type=int, default=64, help="images per process per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per optimizer step (default 1; on resume, what keeps the checkpoint's global batch)")
-    g.add_argument("--global-batch", type=int, default=None, metavar="N",
-                   help="images per optimizer step over all processes: --grad-accum = N / (batch-size x processes), "
-                        "so one command keeps the batch (and the LR) on any number of GPUs, as elastic jobs need")
-    g.add_argument("--lr", type=float, default=0.1, help="peak LR per 256 images, scaled by the global batch (not cifar.py's --lr)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1; on "
+                   "resume, what keeps the checkpoint's global batch)")
+    g.add_argument("--global-batch", type=int, default=None, metavar="N", help="images per optimizer step over all "
+                   "processes: --grad-accum = N / (batch-size x processes), so one command keeps the batch (and the "
+                   "LR) on any number of GPUs, as elastic jobs need")
+    g.add_argument("--lr", type=float, default=0.1, help="peak LR per 256 images, scaled by the global batch")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
     g.add_argument("--wd", type=float, default=1e-4, help="weight decay (not on BN and bias)")
@@ -156,13 +152,11 @@ def build_parser():
                         "pass (no CUDA graphs: max-autotune's break under DDP, pytorch/pytorch#140395)")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
     g.add_argument("--evaluate", action="store_true", help="only evaluate --checkpoint (or --resume) and print JSON")
-    g.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps of pure compute and of the real pipeline; JSON")
-    g.add_argument("--benchmark-data", type=int, default=0, metavar="N", help="time N batches of the input pipeline alone; JSON")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="run folder (default: runs/imagenet-<arch>)")
     g.add_argument("--resume", default=None, help="'auto' (OUT/last.pt if there is one) or a checkpoint path")
     g.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (with --evaluate)")
-    g.add_argument("--save-every", type=int, default=1000, help="also write last.pt every N steps (0 = at epoch ends only)")
+    g.add_argument("--save-every", type=int, default=1000, help="also write last.pt every N steps (0: epoch ends only)")
     g.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (if installed)")
     g.add_argument("--json", action="store_true", help="print the final summary as one JSON line")
@@ -170,9 +164,10 @@ def build_parser():
 
 
 def get_args(argv=None):
+    """The flags, checked, with their derived defaults; nothing writes args after this returns."""
     args = build_parser().parse_args(argv)
     args.out = args.out or os.path.join("runs", f"imagenet-{args.arch}")
-    if args.workers is None:  # (one worker decodes ~300-400 ImageNet photos a second: bench/README.md)
+    if args.workers is None:  # (one worker decodes ~340 ImageNet photos a second: bench/README.md)
         per_rank = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         args.workers = max(1, min(16, per_rank - 1))
     args.train_size = args.train_size or args.image_size
@@ -183,33 +178,35 @@ def get_args(argv=None):
         args.warmup_epochs = min(5.0, args.epochs / 4)
     sizes_ok = all(s >= 16 for s in (args.train_size, args.val_size, args.min_train_size or 16))
     ramp_ok = args.ramp_epochs is None or (0 <= args.ramp_epochs[0] <= args.ramp_epochs[1] <= args.epochs)
-    checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
-              ((args.grad_accum or 1) >= 1 and (args.global_batch or 1) >= 1, "--grad-accum/--global-batch must be >= 1"),
-              (args.grad_accum is None or args.global_batch is None, "give --global-batch or --grad-accum, not both"),
-              (args.workers >= 0, "--workers must be >= 0"), ((args.max_broken_images or 0) >= 0, "--max-broken-images must be >= 0"),
-              (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"), (args.wd >= 0, "--wd must be >= 0"),
-              (sizes_ok, "image sizes must be >= 16"), (args.val_resize >= args.val_size, "--val-resize must be >= --val-size"),
-              ((args.min_train_size is None) == (args.ramp_epochs is None), "--min-train-size and --ramp-epochs go together"),
-              (ramp_ok, "--ramp-epochs needs 0 <= START <= END <= epochs"), (0 < args.min_scale <= 1, "--min-scale must be in (0, 1]"),
-              (0 <= args.warmup_epochs < args.epochs, "--warmup-epochs must be in [0, epochs)"),
-              (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"), (args.color_jitter >= 0, "--color-jitter must be >= 0"),
-              (args.mixup >= 0 and args.cutmix >= 0, "--mixup/--cutmix alpha must be >= 0"), (0 <= args.ema < 1, "--ema must be in [0, 1)"),
-              (args.save_every >= 0 and args.log_every >= 1, "--save-every must be >= 0 and --log-every >= 1"),
-              (args.benchmark >= 0 and args.benchmark_data >= 0, "--benchmark/--benchmark-data must be >= 0"),
-              (not args.evaluate or args.resume or args.checkpoint, "--evaluate needs --checkpoint PATH (or --resume PATH)")]
+    checks = [
+        (args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
+        ((args.grad_accum or 1) >= 1 and (args.global_batch or 1) >= 1, "--grad-accum/--global-batch must be >= 1"),
+        (args.grad_accum is None or args.global_batch is None, "give --global-batch or --grad-accum, not both"),
+        (args.workers >= 0, "--workers must be >= 0"),
+        ((args.max_broken_images or 0) >= 0, "--max-broken-images must be >= 0"),
+        (args.lr > 0 and math.isfinite(args.lr), "--lr must be a positive number"), (args.wd >= 0, "--wd must be >= 0"),
+        (sizes_ok, "image sizes must be >= 16"),
+        (args.val_resize >= args.val_size, "--val-resize must be >= --val-size"),
+        ((args.min_train_size is None) == (args.ramp_epochs is None), "--min-train-size and --ramp-epochs go together"),
+        (ramp_ok, "--ramp-epochs needs 0 <= START <= END <= epochs"),
+        (0 < args.min_scale <= 1, "--min-scale must be in (0, 1]"),
+        (0 <= args.warmup_epochs < args.epochs, "--warmup-epochs must be in [0, epochs)"),
+        (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (args.color_jitter >= 0, "--color-jitter must be >= 0"),
+        (args.mixup >= 0 and args.cutmix >= 0, "--mixup/--cutmix alpha must be >= 0"),
+        (0 <= args.ema < 1, "--ema must be in [0, 1)"),
+        (args.save_every >= 0 and args.log_every >= 1, "--save-every must be >= 0 and --log-every >= 1"),
+        (not args.evaluate or args.resume or args.checkpoint, "--evaluate needs --checkpoint PATH (or --resume PATH)")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    # (a resume with neither flag keeps its checkpoint's global batch: load_resume)
-    args.keep_global_batch = args.grad_accum is None and args.global_batch is None
-    args.grad_accum = args.grad_accum or 1
     args.warmup_note = None if explicit_warmup or args.warmup_epochs == 5.0 else (
         f"warm-up: {args.warmup_epochs:g} epochs (the default 5, capped at a quarter of this {args.epochs}-epoch run)")
     return args
 
 
 # ---------------------------------------------------------------------------------------------------
-# main: every rank checks the inputs, they vote, then train (or evaluate, or time)
+# main: every rank checks the inputs, they vote, then train (or evaluate)
 # ---------------------------------------------------------------------------------------------------
 def main(argv=None):
     def fail(msg):
@@ -239,34 +236,17 @@ def main(argv=None):
                 fail(msg if n == place.world else f"{msg} (on {n} of {place.world} ranks)")
             all_sum([0.0], place.device)
             return 2
-        return run_stage(args, inputs, place)
-    except DataError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        return (evaluate_checkpoint if args.evaluate else fit)(args, inputs, place)
+    except tuple(EXITS) as e:
+        code, said_by = EXITS[next(kind for kind in EXITS if isinstance(e, kind))]
+        if said_by == "each" or int(os.environ.get("RANK", 0)) == 0:
             fail(e)
-        return 2
-    except UserError as e:
-        return fail(e)
-    except Diverged as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            fail(e)
-        return EXIT_DIVERGED
-    except M.WriteError as e:  # (only rank 0 writes)
-        fail(e)
-        return EXIT_WRITE_FAILED
+        return code
     finally:
+        kill_workers_left_at_exit()
         if dist.is_initialized():
             gc.collect()  # the run's objects caught in reference cycles (matplotlib's) still hold the process group
             dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (see the imports)
-
-
-def run_stage(args, inputs, place):
-    if args.benchmark_data:
-        return benchmark_data(args, inputs, place)
-    if args.benchmark:
-        return benchmark(args, inputs, place)
-    if args.evaluate:
-        return evaluate_checkpoint(args, inputs, place)
-    return fit(args, inputs, place)
 
 
 @dataclasses.dataclass
@@ -275,32 +255,40 @@ class Inputs:
     classes: list
     train_samples: list  # [(path, label)]
     val_samples: list
-    resume: dict = None  # the last.pt a training run continues from (None: a fresh start)
-    checkpoint: dict = None  # the checkpoint --evaluate scores
+    grad_accum: int  # micro-batches per optimizer step (grad_accum())
+    resume: dict  # the last.pt a training run continues from (None: a fresh start)
+    checkpoint: dict  # the checkpoint --evaluate scores (None when training)
 
 
 def fit(args, inputs, place):
     run, loop = start(args, inputs, place)
-    metrics = Metrics(args.out, loop.start_epoch if inputs.resume is not None else 0, args.tensorboard) if place.rank == 0 else None
+    kept = loop.start_epoch if inputs.resume is not None else 0  # (the epochs of metrics.jsonl a resume keeps)
+    metrics = Metrics(args.out, kept, args.tensorboard) if place.rank == 0 else None
     summary = {}
-    with StopFlag() as stop:
-        loop.stop = stop
+    with loop.stop as stop:
         for epoch in range(loop.start_epoch, args.epochs):
             resumed_epoch = epoch == loop.start_epoch
-            sums = EpochSums(run, loop.carry if resumed_epoch else None, loop.train_set)
+            sums = EpochSums(place.device, loop.carry if resumed_epoch else None)
             loop.progress.epoch_begins(sums)
             stopped = train_one_epoch(run, loop, epoch, loop.start_step if resumed_epoch else 0, sums)
             if stopped is not None:
                 if place.rank == 0:
                     print(stop.farewell(args.out, f"at epoch {epoch + 1} step {stopped}"), flush=True)
                 return 128 + (stop.signum or signal.SIGTERM)
-            row = end_of_epoch(run, loop, epoch, sums)
+            row = epoch_row(run, loop, epoch, meet(run, loop, sums, epoch, loop.sampler.steps))
+            if row["val_top1"] > loop.best:
+                loop.best = row["val_top1"]
+                if place.rank == 0:
+                    M.save_checkpoint(os.path.join(args.out, "best.pt"), model=run.model.state_dict(), epoch=epoch + 1,
+                                      ema=run.ema.state_dict() if run.ema else None, val_top1=loop.best,
+                                      **rebuild_info(args, loop.classes))
             save_last(run, loop, epoch + 1, 0, {})
             if place.rank == 0:
                 metrics.write(row)
-                print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} val_top1 {row['val_top1']:.2f} "
-                      f"val_top5 {row['val_top5']:.2f} val_images {row['val_images']} img/s {row['train_img_per_s']:.1f} "
-                      f"data-wait {row['data_wait_pct']:.1f}% time {fmt_time(row['time_s'])}", flush=True)
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} "
+                      f"val_top1 {row['val_top1']:.2f} val_top5 {row['val_top5']:.2f} val_images {row['val_images']} "
+                      f"img/s {row['train_img_per_s']:.1f} data-wait {row['data_wait_pct']:.1f}% "
+                      f"time {fmt_time(row['time_s'])}", flush=True)
             summary = dict(row, best_val_top1=loop.best)
             if all_sum([1.0 if stop else 0.0], place.device)[0] > 0 and epoch + 1 < args.epochs:
                 if place.rank == 0:
@@ -318,25 +306,29 @@ def fit(args, inputs, place):
 
 def start(args, inputs, place):
     """Build the run and the loop from the checked inputs, and restore a resumed run. Returns (run, loop)."""
-    sampler = EpochBatches(len(inputs.train_samples), args.batch_size, place.world, place.rank, args.grad_accum, args.seed)
-    run = build_run(args, len(inputs.classes), sampler.steps, place)
-    train_set = TrainSet(inputs.train_samples, args, args.decode, augment_place(args, place.device))
-    loader = make_loader(train_set, args.workers, place.device, batch_sampler=sampler)
-    side = torch.cuda.Stream(place.device) if place.device.type == "cuda" else None  # (one for the run: from a pool)
-    loop = Loop(sampler, train_set, loader, inputs.val_samples, inputs.classes, side)
+    train, accum = inputs.train_samples, inputs.grad_accum
+    sampler = EpochBatches(len(train), args.batch_size, place.world, place.rank, accum, args.seed)
+    run = build_run(args, len(inputs.classes), sampler.steps, place, accum)
+    train_set = TrainSet(train, args)
+    context = worker_start_method() if args.workers > 0 else None  # (before the loop's StopFlag: see there)
     log = (lambda msg: print(msg, flush=True)) if place.rank == 0 else (lambda msg: None)
-    log(f"data: {len(inputs.train_samples)} train / {len(inputs.val_samples)} val images, {len(inputs.classes)} classes; "
-        f"{place.world} process(es) on {place.device}, amp {amp_name(place.amp_dtype)}, global batch {sampler.global_batch}, "
-        f"peak lr {args.lr * sampler.global_batch / 256:.4f}, {sampler.steps} steps/epoch, train size {train_size_at(args, 0)}, "
-        f"val {args.val_size} (resize {args.val_resize}), {args.workers} workers, flip and jitter on the {train_set.augment_on}")
+    log(f"data: {len(train)} train / {len(inputs.val_samples)} val images, {len(inputs.classes)} classes; "
+        f"{place.world} process(es) on {place.device}, amp {amp_name(place.amp_dtype)}, "
+        f"global batch {sampler.global_batch}, peak lr {args.lr * sampler.global_batch / 256:.4f}, "
+        f"{sampler.steps} steps/epoch, train size {train_size_at(args, 0)}, val {args.val_size} "
+        f"(resize {args.val_resize}), {args.workers} workers")
     if args.warmup_note:
         log(args.warmup_note)
+    resume = inputs.resume or {"epoch": 0, "step": 0, "best_top1": -1.0, "epoch_sums": None}
     if inputs.resume is not None:
-        restore_training_state(inputs.resume, run, log)
-        loop.best, loop.carry = inputs.resume["best_top1"], inputs.resume["epoch_sums"]
-        loop.start_epoch, loop.start_step = inputs.resume["epoch"], inputs.resume["step"]
-        log(f"resumed from {inputs.resume['path']} at epoch {loop.start_epoch + 1} step {loop.start_step}")
-    loop.progress = Progress(sampler.steps, args.epochs, loop.start_epoch, loop.start_step)
+        restore_training_state(resume, run, log)
+        log(f"resumed from {resume['path']} at epoch {resume['epoch'] + 1} step {resume['step']}")
+    loop = Loop(sampler=sampler, train_set=train_set, context=context, val_samples=inputs.val_samples,
+                loader=make_loader(train_set, args.workers, place.device, context, batch_sampler=sampler),
+                classes=inputs.classes, stream=torch.cuda.Stream(place.device) if place.device.type == "cuda" else None,
+                start_epoch=resume["epoch"], start_step=resume["step"], carry=resume["epoch_sums"],
+                best=resume["best_top1"], stop=StopFlag(), said_broken=set(),
+                progress=Progress(sampler.steps, args.epochs, resume["epoch"], resume["step"]))
     return run, loop
 
 
@@ -344,41 +336,37 @@ def start(args, inputs, place):
 # The epoch loop and the step
 # ---------------------------------------------------------------------------------------------------
 def train_one_epoch(run, loop, epoch, start_step, sums):
-    """Runs until the epoch ends (returns None) or the ranks agree to stop (returns the step they stopped after)."""
+    """Runs until the epoch ends (returns None) or the ranks agree to stop (returns the step they stopped after). The
+    ranks meet at each step's stop vote, and in meet() at log lines and saves."""
     args, steps = run.args, loop.sampler.steps
     run.ddp.train()
     loop.sampler.set_epoch(epoch, start_step)
-    batches = DeviceBatches(loop.loader, loop.train_set, epoch, run.place.device, loop.stream)
+    batches = DeviceBatches(loop.loader, run.place.device, loop.stream, sums)
     vote = StopVote(run.place.device)
     try:
         for step in range(start_step, steps):
             train_step(run, batches, step_mix(args, epoch, step, train_size_at(args, epoch)), sums)
-            sums.wait = batches.wait
-            sums.new_replaced += batches.replaced
-            batches.replaced = []
             stop_now = vote.cast(bool(loop.stop))
             done = step + 1
             if done % args.log_every == 0 or done == steps:
-                log_progress(run, loop, epoch, done, sums)
+                log_progress(run, loop, epoch, done, meet(run, loop, sums, epoch, done))
             if stop_now and done < steps:
-                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
+                save_last(run, loop, epoch, done, meet(run, loop, sums, epoch, done))
                 return done
             if args.save_every and done % args.save_every == 0 and done < steps:
-                save_last(run, loop, epoch, done, finite_sums(run, sums, epoch, done))
+                save_last(run, loop, epoch, done, meet(run, loop, sums, epoch, done))
         return None
     finally:
         vote.settle()
         batches.close()
-
-
 def train_step(run, batches, mix, sums):
     """One optimizer step over --grad-accum micro-batches; DDP all-reduces the gradients once, on the last."""
     args = run.args
     run.opt.zero_grad(set_to_none=True)
-    for m in range(args.grad_accum):
+    for m in range(run.accum):
         x_u8, y = next(batches)
         x, lam = mix_batch(M.normalize(x_u8, M.IMAGENET_MEAN, M.IMAGENET_STD, args.channels_last), mix)
-        sync = m == args.grad_accum - 1 or run.place.world == 1
+        sync = m == run.accum - 1 or run.place.world == 1
         with run.ddp.no_sync() if not sync else contextlib.nullcontext():
             with autocast(run.place.device, run.place.amp_dtype):
                 logits = run.fwd(x)
@@ -386,14 +374,14 @@ def train_step(run, batches, mix, sums):
             loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
             if lam < 1.0:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y.flip(0), label_smoothing=args.label_smoothing)
-            run.scaler.scale(loss / args.grad_accum).backward()
+            run.scaler.scale(loss / run.accum).backward()
         sums.add(loss.detach(), len(y))
     run.scaler.step(run.opt)
     run.scaler.update()
     run.sched.step()
     if run.ema is not None:
         run.ema.update(run.model)
-    sums.seen += args.batch_size * args.grad_accum * run.place.world
+    sums.seen += args.batch_size * run.accum * run.place.world
 
 
 def step_mix(args, epoch, step, size):
@@ -424,74 +412,72 @@ def mix_batch(x, mix):
 
 
 class EpochSums:
-    """An epoch's running loss, summed on the device and read over all ranks only at log lines and epoch ends, so
-    no step waits for the GPU. seen counts images over all ranks; state() is what last.pt carries."""
+    """An epoch's running sums on this rank: the loss summed on the device (no step waits for the GPU), images seen over
+    all ranks, and what DeviceBatches records: its data-wait and the broken photos it replaced. Read in meet()."""
 
-    def __init__(self, run, carry=None, train_set=None):
-        carry = carry or {"loss": 0.0, "seen": 0, "time": 0.0, "wait": 0.0}
-        self.run, self.carried_loss, self.train_set = run, float(carry["loss"]), train_set
-        self.replaced, self.new_replaced = set(carry.get("replaced", [])), []  # broken photos: indices, all ranks
-        self.local_loss = torch.zeros((), dtype=torch.float64, device=run.place.device)
-        self.seen, self.time_before, self.wait_before, self.t0 = int(carry["seen"]), carry["time"], carry["wait"], time.time()
-        self.wait = 0.0  # this session's data-wait
+    def __init__(self, device, carry=None):
+        carry = carry or {"loss": 0.0, "seen": 0, "time": 0.0, "wait": 0.0, "replaced": []}
+        self.carried_loss, self.replaced = float(carry["loss"]), list(carry["replaced"])  # (broken photos: all ranks')
+        self.local_loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.seen, self.t0 = int(carry["seen"]), time.time()
+        self.time_before, self.wait_before = carry["time"], carry["wait"]
+        self.wait, self.new_replaced = 0.0, []  # this session's data-wait, and the broken photos this rank met
 
     def add(self, loss, n):
         self.local_loss += loss.double() * n
 
-    def state(self):
-        loss = all_sum([self.local_loss.item()], self.run.place.device)[0]
-        self.replaced.update(gathered(self.new_replaced, self.run.place.world))
-        self.new_replaced = []
-        if self.train_set is not None:
-            say_broken(self.run, self.train_set, self.replaced)
-        return {"loss": self.carried_loss + loss, "seen": self.seen, "time": self.time_before + time.time() - self.t0,
-                "wait": self.wait_before + self.wait, "replaced": sorted(self.replaced)}
 
-
-def finite_sums(run, sums, epoch, step):
-    """The epoch's running sums (under DDP an all_reduce, which every rank runs at the same steps: any rank's NaN makes
-    the sum's, so all ranks stop together on a non-finite loss)."""
-    s = sums.state()
-    if not math.isfinite(s["loss"]):
+def meet(run, loop, sums, epoch, step):
+    """Where the ranks meet in an epoch (log lines, saves, its end): the running sums over all ranks, what last.pt
+    carries. Every rank stops here alike, on a non-finite loss (any rank's NaN makes the sum's) or on too many broken
+    photos (say_broken); rank 0 names each new broken photo."""
+    loss = sums.carried_loss + all_sum([sums.local_loss.item()], run.place.device)[0]
+    replaced = sorted(set(sums.replaced) | set(gathered(sums.new_replaced, run.place.world)))
+    say_broken(run, loop.train_set, replaced)
+    if not math.isfinite(loss):
         raise diverged(run, epoch, step)
-    return s
+    return {"loss": loss, "seen": sums.seen, "time": sums.time_before + time.time() - sums.t0,
+            "wait": sums.wait_before + sums.wait, "replaced": replaced}
 
 
 def diverged(run, epoch, step):
     """The one line for a run whose loss turned non-finite (checked where the loop reads the loss anyway: log lines
     and saves, so no step waits for the GPU), with what to try."""
     amp = amp_name(run.place.amp_dtype)
-    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}.get(amp, "")
-    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} (lr {run.sched.get_last_lr()[0]:.4g}, "
-                    f"{amp}): the run diverged and stopped, and {run.args.out}/last.pt was not overwritten (it holds "
-                    f"the last finite state, if any). Try a lower --lr (lrfind.py suggests one){hint}")
+    hint = {"fp16": ", or --amp bf16 (fp16 overflows above 65504)", "bf16": ", or --amp off to rule out bf16"}
+    return Diverged(f"the training loss is not finite by epoch {epoch + 1} step {step} "
+                    f"(lr {run.sched.get_last_lr()[0]:.4g}, {amp}): the run diverged and stopped, and "
+                    f"{run.args.out}/last.pt was not overwritten (it holds the last finite state, if any). Try a lower "
+                    f"--lr (lrfind.py suggests one){hint.get(amp, '')}")
 
 
-def log_progress(run, loop, epoch, done, sums):
-    s = finite_sums(run, sums, epoch, done)
+def log_progress(run, loop, epoch, done, s):
     if run.place.rank == 0:
-        steps, args = loop.sampler.steps, run.args
-        print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps} loss {s['loss'] / max(s['seen'], 1):.4f} "
-              f"lr {run.sched.get_last_lr()[0]:.5f} img/s {loop.progress.rate(s):.1f} "
-              f"data-wait {100 * s['wait'] / max(s['time'], 1e-9):.1f}% eta {fmt_time(loop.progress.eta(epoch, done))}", flush=True)
+        print(f"epoch {epoch + 1}/{run.args.epochs} step {done}/{loop.sampler.steps} "
+              f"loss {s['loss'] / max(s['seen'], 1):.4f} lr {run.sched.get_last_lr()[0]:.5f} "
+              f"img/s {loop.progress.rate(s):.1f} data-wait {100 * s['wait'] / max(s['time'], 1e-9):.1f}% "
+              f"eta {fmt_time(loop.progress.eta(epoch, done))}", flush=True)
 
 
 @dataclasses.dataclass
 class Loop:
-    """What the epoch loop carries besides the Run: the data and its loader, where it starts (a resumed run: the
-    step after the checkpoint's, and that epoch's running sums), the stop flag, the best top-1 so far, the clock."""
+    """What the epoch loop carries besides the Run, built once by start(): the data and its loader, where it starts (a
+    resumed run: the step after the checkpoint's, and that epoch's running sums), the stop flag, the clock, the best
+    top-1 so far and the validation photos already named as broken."""
     sampler: "EpochBatches"
     train_set: "TrainSet"
     loader: torch.utils.data.DataLoader
+    context: object  # the loaders' worker start method (worker_start_method())
     val_samples: list
     classes: list
-    stream: object = None  # the CUDA side stream that copies the next batch while this one trains
-    start_epoch: int = 0
-    start_step: int = 0
-    carry: dict = None  # the resumed epoch's running sums (EpochSums.state())
-    best: float = -1.0
-    stop: object = None  # the StopFlag, once the loop runs
-    progress: object = None  # the Progress clock of the log lines
+    stream: object  # the CUDA side stream that copies the next batch while this one trains (None on a CPU)
+    start_epoch: int
+    start_step: int
+    carry: dict  # the resumed epoch's running sums (meet()), or None
+    best: float
+    stop: "StopFlag"
+    progress: "Progress"
+    said_broken: set
 
 
 class Progress:
@@ -541,37 +527,30 @@ def say_broken(run, train_set, indices):
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: every validation photo exactly once over all ranks
 # ---------------------------------------------------------------------------------------------------
-def end_of_epoch(run, loop, epoch, sums):
-    """Make BN statistics (live and EMA) one across ranks, evaluate, save best.pt. Returns the metrics row."""
+def epoch_row(run, loop, epoch, s):
+    """The epoch's metrics row: BN statistics (live and EMA) made one across ranks, then the validation figures of the
+    EMA weights, if any, else the live ones; s is the epoch's sums from meet()."""
     args = run.args
-    s = sums.state()
-    all_average_([b for b in run.model.buffers()], run.place.world)  # (DDP copies rank 0's buffers at each forward only)
+    all_average_(list(run.model.buffers()), run.place.world)  # (DDP copies rank 0's buffers at each forward only)
     if run.ema is not None:
-        all_average_([b for b in run.ema.module.buffers()], run.place.world)
-    t_eval = time.time()
-    net = run.ema.module if run.ema is not None else run.model
-    res = evaluate(net, loop.val_samples, args, run.place, args.val_size, args.val_resize)
-    row = dict(epoch=epoch + 1, lr=run.sched.get_last_lr()[0], train_loss=s["loss"] / max(s["seen"], 1),
-               train_img_per_s=s["seen"] / max(s["time"], 1e-9), data_wait_pct=100.0 * s["wait"] / max(s["time"], 1e-9),
-               train_size=train_size_at(args, epoch), broken_train_images=len(s["replaced"]), **res,
-               time_s=s["time"] + time.time() - t_eval)
-    if res["val_top1"] > loop.best:
-        loop.best = res["val_top1"]
-        if run.place.rank == 0:
-            M.save_checkpoint(os.path.join(args.out, "best.pt"), model=run.model.state_dict(),
-                              ema=run.ema.state_dict() if run.ema else None, epoch=epoch + 1, val_top1=loop.best,
-                              **rebuild_info(args, loop.classes))
-    return row
+        all_average_(list(run.ema.module.buffers()), run.place.world)
+    t_eval, net = time.time(), run.ema.module if run.ema is not None else run.model
+    res = evaluate(net, loop.val_samples, args, run.place, args.val_size, args.val_resize, loop.context,
+                   loop.said_broken)
+    return dict(epoch=epoch + 1, lr=run.sched.get_last_lr()[0], train_loss=s["loss"] / max(s["seen"], 1),
+                train_img_per_s=s["seen"] / max(s["time"], 1e-9), data_wait_pct=100 * s["wait"] / max(s["time"], 1e-9),
+                train_size=train_size_at(args, epoch), broken_train_images=len(s["replaced"]), **res,
+                time_s=s["time"] + time.time() - t_eval)
 
 
 @torch.no_grad()
-def evaluate(net, samples, args, place, size, resize):
-    """Loss, top-1 and top-5 over samples at (size, resize), each photo on exactly one rank; broken photos named once
-    and left out of the figures (val_images counts the others)."""
+def evaluate(net, samples, args, place, size, resize, context, said_broken):
+    """Loss, top-1 and top-5 over samples at (size, resize), each photo on exactly one rank; broken photos left out of
+    the figures (val_images counts the others) and named once by rank 0 (said_broken holds those already named)."""
     net.eval()
     mine = list(range(place.rank, len(samples), place.world))  # a strided split, no padding: each image on one rank
     loader = make_loader(torch.utils.data.Subset(EvalSet(samples, size, resize), mine), min(args.workers, 4),
-                         place.device, batch_size=args.batch_size)
+                         place.device, context, batch_size=args.batch_size)
     sums = torch.zeros(4, dtype=torch.float64, device=place.device)
     broken, first = [], 0
     with stop_signals_blocked():
@@ -590,14 +569,11 @@ def evaluate(net, samples, args, place, size, resize):
                              (pred == y[:, None]).any(1).sum().double(), valid.sum().double()])
     loss_sum, top1, top5, n = all_sum(sums.tolist(), place.device)
     for path in gathered(broken, place.world):
-        if place.rank == 0 and path not in SAID_BROKEN:
+        if place.rank == 0 and path not in said_broken:
             print(f"{path}: cannot read image; left out of the validation figures (val_images)", flush=True)
-        SAID_BROKEN.add(path)
+        said_broken.add(path)
     return dict(val_loss=loss_sum / max(n, 1), val_top1=100.0 * top1 / max(n, 1), val_top5=100.0 * top5 / max(n, 1),
                 val_images=int(n))
-
-
-SAID_BROKEN = set()  # the broken photos already named in the log
 
 
 def evaluate_checkpoint(args, inputs, place):
@@ -606,9 +582,11 @@ def evaluate_checkpoint(args, inputs, place):
     net = M.model_from_checkpoint(ckpt, path=ckpt["path"]).to(place.device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    res = evaluate(net, inputs.val_samples, args, place, pre["size"], pre["resize"])
+    context = worker_start_method() if args.workers > 0 else None
+    res = evaluate(net, inputs.val_samples, args, place, pre["size"], pre["resize"], context, set())
     if place.rank == 0:
-        print(json.dumps(dict(res, checkpoint=ckpt["path"], val_size=pre["size"], val_resize=pre["resize"])), flush=True)
+        print(json.dumps(dict(res, checkpoint=ckpt["path"], val_size=pre["size"], val_resize=pre["resize"])),
+              flush=True)
     return 0
 
 
@@ -626,23 +604,24 @@ class Run:
     scaler: torch.amp.GradScaler
     ema: object  # EMA or None
     place: "Place"  # rank, world, device, autocast precision
+    accum: int  # micro-batches per optimizer step (grad_accum())
 
 
-def build_run(args, num_classes, steps_per_epoch, place):
+def build_run(args, num_classes, steps_per_epoch, place, accum=1):
     world, device = place.world, place.device
     model = build_network(args, num_classes, world, device)
-    peak_lr = args.lr * args.batch_size * world * args.grad_accum / 256  # linear scaling rule (Goyal et al. 2017)
+    peak_lr = args.lr * args.batch_size * world * accum / 256  # linear scaling rule (Goyal et al. 2017)
     opt = torch.optim.SGD(param_groups(model, args.wd), lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
     sched = build_schedule(opt, args, steps_per_epoch, peak_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=place.amp_dtype == torch.float16)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # Compiling the DDP-wrapped module lets TorchDynamo's DDPOptimizer split the graph at DDP's bucket boundaries,
     # so each bucket's all-reduce starts while the backward pass is still running.
     fwd = torch.compile(ddp, mode=args.compile) if args.compile else ddp
-    return Run(args, model, ddp, fwd, opt, sched, scaler, ema, place)
+    return Run(args, model, ddp, fwd, opt, sched, scaler, ema, place, accum)
 
 
 def build_network(args, num_classes, world, device):
@@ -650,7 +629,8 @@ def build_network(args, num_classes, world, device):
     (per-GPU batches of 32 or less give noisy batch statistics; SyncBatchNorm computes them over the global batch).
     SyncBatchNorm keeps BatchNorm's parameter names, so its checkpoints load into a plain model."""
     torch.manual_seed(args.seed)
-    model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual).to(device)
+    model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual)
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if args.sync_bn and world > 1:
@@ -686,8 +666,8 @@ def param_groups(model, wd):
 class EMA:
     """Exponential moving average of the weights and BN statistics (Polyak averaging). Evaluating the average rather
     than the last iterate smooths out SGD noise (typically +0.3-1% top-1 on short schedules); the decay ramps up as
-    (1+n)/(10+n), so early averages are not dominated by the random init. Under DDP each rank averages its own BN
-    statistics, and the epoch's end makes them one. One foreach kernel per tensor group, not one per tensor."""
+    (1+n)/(10+n), so early averages are not dominated by the random init. One foreach kernel per tensor group, not
+    one per tensor."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -760,75 +740,37 @@ class EpochBatches(torch.utils.data.Sampler):
 
 class TrainSet(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs, so each image's augmentation is a function of (seed, epoch, index), and its
-    size a function of the epoch. decode="cpu": PIL decodes (reduced-size JPEG decoding when the crop allows it),
-    crops and resizes in the worker; flip and colour jitter run there too (augment_on="workers"), or on the device
-    (augment_on="device": the worker returns its draws beside the pixels, and flip_jitter() applies them, bit for bit
-    as PIL would). decode="gpu": the worker reads the JPEG's bytes and header and draws the augmentation;
-    gpu_augment() does the rest on the device."""
+    size a function of the epoch. The worker does it all with PIL: decode (reduced-size JPEG decoding when the crop
+    allows it), crop, resize, flip and colour jitter; the batch travels as uint8."""
 
     REPLACEMENT_DRAWS = 16
 
-    def __init__(self, samples, args, decode="cpu", augment_on="workers"):
-        self.samples, self.args, self.decode, self.augment_on = samples, args, decode, augment_on
+    def __init__(self, samples, args):
+        self.samples, self.args = samples, args
         self.broken = set()  # (the main process's) training photos met that cannot be decoded
 
     def __len__(self):
         return len(self.samples)
 
-    def draw(self, epoch, index, width, height):
-        return draw_augmentation(self.args, epoch, index, width, height)
-
     def __getitem__(self, item):
-        """The item's fields, then the index of the photo that could not be decoded and was replaced (-1: none)."""
+        """The photo's pixels or, when it cannot be decoded, those of the first of the others drawn from (seed, epoch,
+        index) that can: the same replacement on every rank and after a resume, and a broken file costs the run that
+        photo alone (timm's loader skips such files too). `replaced` names the broken photo's index (-1: none)."""
         epoch, index = item
-        fields, source = self.readable(epoch, index, self.fields)
-        return (*fields, -1 if source == index else index)
-
-    def readable(self, epoch, index, make):
-        """(make(epoch, i), i) for the photo itself or, when it cannot be decoded, for the first of the others drawn
-        from (seed, epoch, index) that can: the same replacement on every rank and after a resume, and a broken
-        file costs the run that photo alone (timm's loader skips such files too)."""
         rng = M.seeded(self.args.seed, epoch, index, M.Stream.REPLACEMENT)
         for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():
             try:
-                return make(epoch, source), source
+                image = self.pixels(epoch, source)
             except M.ImageError:
                 continue
+            return {"image": image, "label": self.samples[source][1], "replaced": -1 if source == index else index}
         raise UserError(f"{self.samples[index][0]} cannot be decoded, nor any of the {self.REPLACEMENT_DRAWS} "
                         f"training photos drawn to replace it")
 
-    def fields(self, epoch, index):
-        if self.decode == "gpu":
-            return self.jpeg_item(epoch, index)
-        if self.augment_on == "device":
-            im, d = self.cropped(epoch, index)
-            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), self.samples[index][1]
-        return self.cpu_pixels(epoch, index), self.samples[index][1]
-
-    def cropped(self, epoch, index):
-        """The worker's share: decode, crop and resize to the epoch's size. Returns the PIL image and its draws."""
-        return crop_photo(self.args, epoch, index, self.samples[index][0], train_size_at(self.args, epoch))
-
-    def cpu_pixels(self, epoch, index):
-        """uint8 [3, size, size]: the crop, flipped and colour-jittered in the worker (PIL)."""
-        return pil_to_chw(flip_jitter_pil(*self.cropped(epoch, index)))
-
-    def jpeg_item(self, epoch, index):
-        """(payload, draws row, label): payload = the file's bytes for nvjpeg, or, for what nvjpeg cannot decode
-        (PNG, CMYK JPEG, ...), the crop from the CPU path (flip and jitter still to come, on the device)."""
-        from PIL import Image
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as im:
-                fmt, mode, (W, H) = im.format, im.mode, im.size
-        except Exception as e:
-            raise M.ImageError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:80]})") from None
-        if fmt != "JPEG" or mode not in ("RGB", "L"):
-            im, d = self.cropped(epoch, index)
-            return pil_to_chw(im), torch.tensor([float(index)] + d.as_row()), label
-        with open(path, "rb") as f:
-            payload = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-        return payload, torch.tensor([float(index)] + self.draw(epoch, index, W, H).as_row()), label
+    def pixels(self, epoch, index):
+        """uint8 [3, size, size]: the photo's crop at the epoch's size, flipped and colour-jittered."""
+        size = train_size_at(self.args, epoch)
+        return pil_to_chw(flip_jitter_pil(*crop_photo(self.args, epoch, index, self.samples[index][0], size)))
 
 
 def train_size_at(args, epoch):
@@ -880,7 +822,7 @@ def crop_photo(args, epoch, index, path, size):
     def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
         d.append(draw_augmentation(args, epoch, index, W, H))  # keeps the crop >= size on both sides
         return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
-    im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: see TrainSet.readable())
+    im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: the caller replaces or names the photo)
     d = d[0] if d else draw_augmentation(args, epoch, index, W, H)  # not a JPEG: smallest_size() was not called
     x0, y0, w, h = d.box
     sx, sy = im.size[0] / W, im.size[1] / H
@@ -902,52 +844,15 @@ def flip_jitter_pil(im, d):
 @dataclasses.dataclass
 class Draws:
     """Everything random about one training image: the crop box in the original image, the flip, and the
-    brightness/contrast/saturation factors with their order. CPU and GPU decoding apply the same draws."""
+    brightness/contrast/saturation factors with their order."""
     box: tuple
     flip: bool
     factors: object  # np.ndarray of 3 factors, or None without jitter
     order: np.ndarray
 
-    def as_row(self):
-        f = self.factors if self.factors is not None else np.ones(3)
-        return [*self.box, float(self.flip), *f, *self.order]
-
 
 def pil_to_chw(im):
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
-
-
-def augment_place(args, device):
-    """Where flip and colour jitter run: on a GPU they are a few elementwise kernels over the whole batch, and each
-    worker is left with decoding, cropping and resizing; on a CPU the workers keep them, in parallel with training."""
-    if args.decode == "gpu":
-        return "device"
-    if args.augment_on == "auto":
-        return "device" if device.type == "cuda" else "workers"
-    return args.augment_on
-
-
-def flip_jitter(x_u8, rows, jitter_on):
-    """Flip and ColorJitter of a uint8 [B, 3, H, W] batch on its device with the workers' draws (rows: index, box,
-    flip, 3 factors, their order), bit for bit what PIL's ImageEnhance gives in the worker: each step blends with its
-    degenerate image in float32 and truncates to 0..255, as PIL's Image.blend does; brightness blends with black,
-    contrast with the rounded mean grey level, saturation with the grey image (PIL's integer luma)."""
-    flip = rows[:, 5].to(x_u8.device) > 0.5
-    x = torch.where(flip[:, None, None, None], x_u8.flip(3), x_u8)
-    if not jitter_on:
-        return x
-    x = x.float()
-    factors = rows[:, 6:9].to(device=x.device, dtype=torch.float32)[:, :, None, None, None]
-    order = rows[:, 9:12].to(x.device).long()
-    blend = lambda degenerate, f: (degenerate + f * (x - degenerate)).clamp_(0, 255).floor_()
-    for position in range(3):  # all three candidates for every image, then each image keeps its own (no host sync)
-        i = x.to(torch.int32)
-        grey = ((i[:, 0:1] * 19595 + i[:, 1:2] * 38470 + i[:, 2:3] * 7471 + 32768) >> 16).float()
-        mean = grey.double().mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_().float()
-        out = (blend(torch.zeros_like(mean), factors[:, 0]), blend(mean, factors[:, 1]), blend(grey, factors[:, 2]))
-        k = order[:, position][:, None, None, None]
-        x = torch.where(k == 0, out[0], torch.where(k == 1, out[1], out[2]))
-    return x.to(torch.uint8)
 
 
 class EvalSet(torch.utils.data.Dataset):
@@ -967,25 +872,21 @@ class EvalSet(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1
 
 
-def make_loader(dataset, workers, device, batch_sampler=None, batch_size=1, context=None):
+def make_loader(dataset, workers, device, context, batch_sampler=None, batch_size=1):
     """Workers start per iterator (not persistent), so every epoch's end shuts them down cleanly."""
-    jpeg = isinstance(dataset, TrainSet) and dataset.decode == "gpu"
-    context = context or (worker_start_method() if workers > 0 else None)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, batch_sampler=batch_sampler,
-        num_workers=workers, worker_init_fn=functools.partial(worker_init, rank_pid=os.getpid()), pin_memory=device.type == "cuda" and not jpeg,
-        prefetch_factor=4 if workers > 0 else None, collate_fn=collate_jpeg if jpeg else None,
-        multiprocessing_context=context if workers > 0 else None)
+        dataset, batch_size=batch_size, batch_sampler=batch_sampler, num_workers=workers,
+        worker_init_fn=functools.partial(worker_init, rank_pid=os.getpid()), pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None, multiprocessing_context=context if workers > 0 else None)
 
 
 class DeviceBatches:
     """The loader's micro-batches as uint8 images and labels on the device, one batch ahead: on CUDA the next
-    batch is copied (with --decode gpu: decoded and augmented) on a side stream while this one trains.
-    `wait` is the time spent waiting for the workers (data-wait)."""
+    batch is copied (pinned, non-blocking) on a side stream while this one trains. The time spent waiting for the
+    workers (data-wait) and the broken photos the workers replaced go to the epoch's sums."""
 
-    def __init__(self, loader, train_set, epoch, device, stream=None):
-        self.train_set, self.epoch, self.device, self.wait, self.stream = train_set, epoch, device, 0.0, stream
-        self.replaced = []  # indices of the broken photos replaced so far
+    def __init__(self, loader, device, stream, sums):
+        self.device, self.stream, self.sums = device, stream, sums
         with stop_signals_blocked():
             self.it = iter(loader)
         self.next = self._load()
@@ -996,17 +897,10 @@ class DeviceBatches:
             batch = next(self.it)
         except StopIteration:
             return None
-        self.wait += time.time() - t
+        self.sums.wait += time.time() - t
+        self.sums.new_replaced += batch["replaced"][batch["replaced"] >= 0].tolist()  # (a CPU tensor: no device sync)
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            if isinstance(batch[0], list):
-                x = gpu_augment(batch, self.train_set, self.epoch, self.device)
-            elif len(batch) == 4:  # --augment-on device: crops from the workers, flipped and jittered here
-                x = flip_jitter(batch[0].to(self.device, non_blocking=True), batch[1], self.train_set.args.color_jitter > 0)
-            else:
-                x = batch[0].to(self.device, non_blocking=True)
-            labels, replaced = batch[-2], batch[-1]
-            self.replaced += replaced[replaced >= 0].tolist()  # (CPU tensors: no device sync)
-            return x, labels.to(self.device, non_blocking=True)
+            return batch["image"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
 
     def __next__(self):
         batch = self.next
@@ -1029,19 +923,10 @@ def check_inputs(args, place, restarts=0):
     every rank before the vote on it. Returns the Inputs."""
     world, cuda = place.world, place.device.type == "cuda"
     if args.sync_bn and world > 1 and not cuda:
-        raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU/gloo kernels); leave it off on CPU")
-    if args.decode == "gpu" and not cuda:
-        raise UserError("--decode gpu needs a CUDA GPU (nvjpeg); use --decode cpu here")
-    if args.benchmark and world > 1:
-        raise UserError("--benchmark times one process: run it with python, not torchrun")
-    if args.global_batch is not None:
-        per_micro_batch = args.batch_size * world
-        if args.global_batch % per_micro_batch:
-            raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
-                            f"{world} process(es) = {per_micro_batch}")
-        args.grad_accum = args.global_batch // per_micro_batch
-    inputs = Inputs(*check_data(args.data))
-    classes = inputs.classes
+        raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU/gloo kernels); leave it off on CPU")
+    grad_accum(args, world, None)  # (a bad --global-batch is said before the data is listed)
+    classes, train, val = check_data(args.data)
+    checkpoint = resume = None
     if args.evaluate:
         path = args.checkpoint or (os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume)
         try:
@@ -1051,17 +936,38 @@ def check_inputs(args, place, restarts=0):
             raise UserError(str(e)) from None
         if list(ckpt["classes"]) != list(classes):
             raise UserError(f"{path} was trained on other classes than {args.data}/val")
-        ckpt["path"] = path
-        inputs.checkpoint = ckpt
-    elif not (args.benchmark or args.benchmark_data):
-        resume = inputs.resume = load_resume(args, world, restarts)
+        checkpoint = dict(ckpt, path=path)
+    else:
+        resume = load_resume(args, world, restarts)
         if resume is not None and list(resume["classes"]) != list(classes):
             raise UserError(f"{resume['path']} was trained on other classes than those of {args.data}; "
                             f"resume it with its own data, or start a fresh run in another --out")
-    if not args.evaluate and len(inputs.train_samples) < args.batch_size * world * args.grad_accum:
-        raise UserError(f"the global batch ({args.batch_size * world * args.grad_accum}) is larger than train/ "
-                        f"({len(inputs.train_samples)} images)")
-    return inputs
+    accum = grad_accum(args, world, resume)
+    if not args.evaluate and len(train) < args.batch_size * world * accum:
+        raise UserError(f"the global batch ({args.batch_size * world * accum}) is larger than train/ "
+                        f"({len(train)} images)")
+    return Inputs(classes, train, val, accum, resume, checkpoint)
+
+
+def grad_accum(args, world, resume):
+    """Micro-batches per optimizer step: --grad-accum; or what makes --global-batch on this many processes; or, when a
+    run resumes with neither flag, what keeps its checkpoint's global batch (on another number of processes: elastic
+    jobs, a requeue elsewhere); else 1."""
+    per_micro_batch = args.batch_size * world
+    if args.grad_accum is not None:
+        return args.grad_accum
+    if args.global_batch is not None:
+        if args.global_batch % per_micro_batch:
+            raise UserError(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
+                            f"{world} process(es) = {per_micro_batch}")
+        return args.global_batch // per_micro_batch
+    if resume is None:
+        return 1
+    if not resume.get("global_batch") or resume["global_batch"] % per_micro_batch:
+        raise UserError(f"{resume['path']} was trained with a global batch of {resume.get('global_batch')}, which "
+                        f"{world} process(es) x --batch-size {args.batch_size} cannot make up: resume with another "
+                        f"--batch-size or --global-batch")
+    return resume["global_batch"] // per_micro_batch
 
 
 def rebuild_info(args, classes):
@@ -1113,21 +1019,20 @@ RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule"
 
 
 def load_resume(args, world, restarts=0):
-    """The checkpoint to resume from, or None for a fresh start. Without --grad-accum (or --global-batch), sets the
-    one that keeps the checkpoint's global batch on this world size. Raises UserError on anything wrong, before
-    anything is written."""
-    last = os.path.join(args.out, "last.pt")
-    if args.resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
-        args.resume = "auto"
+    """The checkpoint to resume from, or None for a fresh start. Raises UserError on anything wrong, before anything
+    is written."""
+    last, resume = os.path.join(args.out, "last.pt"), args.resume
+    if resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
+        resume = "auto"
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"torchrun restart {restarts}: resuming from {last} (--resume auto, implied)", flush=True)
-    if args.resume is None:
+    if resume is None:
         for f in (last, os.path.join(args.out, "best.pt")):
             if os.path.exists(f):
                 raise UserError(f"{f} exists: pass --resume auto to continue that run, or choose another --out")
         return None
-    path = last if args.resume == "auto" else args.resume
-    if args.resume == "auto" and not os.path.exists(path):
+    path = last if resume == "auto" else resume
+    if resume == "auto" and not os.path.exists(path):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"no {path} yet: starting a fresh run", flush=True)
         return None
@@ -1136,33 +1041,25 @@ def load_resume(args, world, restarts=0):
     except M.CheckpointError as e:
         raise UserError(str(e)) from None
     if "optimizer" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not an imagenet_ddp.py training checkpoint (no optimizer state); use --resume with a last.pt")
-    missing = [k for k in ("model", "scheduler", "scaler", "epoch", "step", "best_top1", "epoch_sums", "ema_updates")
-               if k not in ckpt]
+        raise UserError(f"{path} is not an imagenet_ddp.py training checkpoint (no optimizer state); "
+                        f"use --resume with a last.pt")
+    missing = [k for k in ("model", "scheduler", "scaler", "amp", "epoch", "step", "best_top1", "epoch_sums", "ema",
+                           "ema_updates", "rng_cpu", "rng_cuda") if k not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete training checkpoint (missing {', '.join(missing)})")
     if ckpt.get("arch") != args.arch:
         raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
     norm = lambda v: list(v) if isinstance(v, tuple) else v
-    if args.keep_global_batch:  # another number of processes (elastic, a requeue elsewhere): keep the global batch
-        args.grad_accum = derived_grad_accum(ckpt.get("global_batch"), args.batch_size, world, path)
-    global_batch = args.batch_size * world * args.grad_accum
+    ckpt["path"] = path
+    global_batch = args.batch_size * world * grad_accum(args, world, ckpt)
     diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
             if norm(ckpt["args"].get(k)) != norm(getattr(args, k))]
     if ckpt.get("global_batch") != global_batch:
-        diff.append(f"a global batch (batch-size x processes x grad-accum) of {ckpt.get('global_batch')} (now {global_batch})")
+        diff.append(f"a global batch (batch-size x processes x grad-accum) of {ckpt.get('global_batch')} "
+                    f"(now {global_batch})")
     if diff:
         raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
-    ckpt["path"] = path
     return ckpt
-
-
-def derived_grad_accum(global_batch, batch_size, world, path):
-    per_micro_batch = batch_size * world
-    if not global_batch or global_batch % per_micro_batch:
-        raise UserError(f"{path} was trained with a global batch of {global_batch}, which {world} process(es) x "
-                        f"--batch-size {batch_size} cannot make up: resume with another --batch-size or --global-batch")
-    return global_batch // per_micro_batch
 
 
 def restore_training_state(ckpt, run, log):
@@ -1171,7 +1068,7 @@ def restore_training_state(ckpt, run, log):
     run.sched.load_state_dict(ckpt["scheduler"])
     # A job may be requeued on other hardware: fp16 (V100, T4) to bf16 or back, or to fp32. Only fp16 keeps a
     # GradScaler; a run switching to it starts with a fresh loss scale, a run leaving it drops the old one.
-    was = ckpt.get("amp", "fp16" if ckpt["scaler"] else "unknown")
+    was = ckpt["amp"]
     if run.scaler.is_enabled() and ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     if was != amp_name(run.place.amp_dtype):
@@ -1179,15 +1076,14 @@ def restore_training_state(ckpt, run, log):
                                                                     if run.scaler.is_enabled() else ""))
     world_was = ckpt.get("world_size", run.place.world)
     if world_was != run.place.world:
-        log(f"resuming a {world_was}-process run on {run.place.world} process(es) with --grad-accum {run.args.grad_accum}: the "
+        log(f"resuming a {world_was}-process run on {run.place.world} process(es) with --grad-accum {run.accum}: the "
             f"same global batch ({ckpt['global_batch']}), batches and LR (README: Resume)")
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.updates = ckpt["ema_updates"]
         restore_ema_rank_buffers(run, ckpt.get("ema_rank_buffers"))
-    if ckpt.get("rng_cpu") is not None:  # (absent in checkpoints of earlier versions)
-        torch.set_rng_state(ckpt["rng_cpu"])
-    if isinstance(ckpt.get("rng_cuda"), torch.Tensor) and run.place.device.type == "cuda":
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt["rng_cuda"] is not None and run.place.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng_cuda"], run.place.device)
 
 
@@ -1203,7 +1099,7 @@ def restore_ema_rank_buffers(run, parts):
 
 # ===================================================================================================
 # Operations: the machinery around the training story
-# (processes and devices, stopping, loader workers, GPU decoding, metrics and curves, benchmarks)
+# (processes and devices, stopping, loader workers, metrics and curves)
 # ===================================================================================================
 
 
@@ -1232,7 +1128,8 @@ def setup_distributed(device_name, amp):
     if world > 1:
         backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world, device_id=device_id)
+            dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world,
+                                    device_id=device_id)
         else:
             dist.init_process_group(backend, device_id=device_id)
     if rank != 0:
@@ -1352,10 +1249,10 @@ def weights_fingerprint(model, device):
 # ---------------------------------------------------------------------------------------------------
 class StopFlag:
     """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step (under DDP, all ranks agree on the step),
-    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank after the whole process
-    group got it; SLURM and Kubernetes signal the group): repeats only confirm the request, and the launcher's
-    own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without a launcher, a second
-    Ctrl-C kills at once."""
+    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank
+    after the whole process group got it; SLURM and Kubernetes signal the group): repeats only confirm the request,
+    and the launcher's own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without torchrun, a
+    second Ctrl-C kills at once."""
 
     def __init__(self):
         self.signum, self.previous = None, {}
@@ -1380,8 +1277,8 @@ class StopFlag:
 
     def farewell(self, out, where):
         sig = signal.Signals(self.signum or signal.SIGTERM)
-        return (f"stopped by {sig.name} {where}; saved {out}/last.pt. The exit code {128 + sig} (128 + {sig.name}) is on "
-                f"purpose, so a scheduler sees the job as unfinished (torchrun reports it as ChildFailedError); "
+        return (f"stopped by {sig.name} {where}; saved {out}/last.pt. The exit code {128 + sig} (128 + {sig.name}) is "
+                f"on purpose, so a scheduler sees the job as unfinished (torchrun reports it as ChildFailedError); "
                 f"continue with the same command plus --resume auto")
 
 
@@ -1478,16 +1375,13 @@ def exit_with(pid):
     threading.Thread(target=watch, name="exit-with-rank", daemon=True).start()
 
 
-@atexit.register  # (after torch's import: atexit runs this before multiprocessing's own handler)
 def kill_workers_left_at_exit():
     """Workers ignore SIGTERM, so multiprocessing's exit handler (terminate(), then join()) would wait forever for
-    any an error left running: kill them first."""
+    any an error left running (a loader held by the traceback of an exception main() does not catch): main() kills
+    them first, however it ends."""
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()
-
-
-_forkserver_started = False
 
 
 def worker_start_method():
@@ -1496,71 +1390,20 @@ def worker_start_method():
     before Python 3.12 the child hangs in os.fork() for ever (CPython gh-112275). forkserver forks the workers from a
     single-threaded server instead (Python 3.14's default on Linux), at the price of pickling the file list to each
     worker; the server imports torch once, so later workers start as fast as forked ones (bench/README.md, "Loader
-    workers under a process group")."""
+    workers under a process group"). Called once per run, before the training loop's StopFlag: see below."""
     if not dist.is_initialized():
         return None
-    global _forkserver_started
-    if not _forkserver_started:
-        # The server and its resource tracker live in the rank's process group, which launchers signal as a whole:
-        # started with the stop signals ignored (exec keeps an ignored disposition), they outlive a stop, as the
-        # workers do. This runs before the training loop's StopFlag, when a stop signal would still kill the rank.
-        multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-        try:
-            multiprocessing.forkserver.ensure_running()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        _forkserver_started = True
-    return "forkserver"
-
-
-# ---------------------------------------------------------------------------------------------------
-# --decode gpu: nvjpeg decodes, the device crops and resizes
-# ---------------------------------------------------------------------------------------------------
-def collate_jpeg(items):
-    payloads, rows, labels, replaced = zip(*items)
-    return list(payloads), torch.stack(rows), torch.tensor(labels), torch.tensor(replaced)
-
-
-def gpu_augment(batch, train_set, epoch, device):
-    """--decode gpu: decode the batch's JPEGs in one nvjpeg call on the device, then crop and resize each to the
-    epoch's size, and flip and jitter the batch with the draws its workers made. What nvjpeg refuses went through the
-    CPU crop instead (in the worker, or here when nvjpeg fails on a file it accepted; a file that cannot be decoded
-    at all is replaced here, its label and `replaced` entry updated in place)."""
-    import torchvision
-    payloads, rows, labels, replaced = batch
-    size = train_size_at(train_set.args, epoch)
-    out = [p.to(device) if p.dim() == 3 else None for p in payloads]  # crops the workers made on the CPU path
-    jpeg = [i for i, p in enumerate(payloads) if p.dim() == 1]
-    rgb = torchvision.io.ImageReadMode.RGB
+    # The server and its resource tracker live in the rank's process group, which launchers signal as a whole:
+    # started with the stop signals ignored (exec keeps an ignored disposition), they outlive a stop, as the
+    # workers do. Run before the StopFlag, when a stop signal would still kill the rank, so none is lost here.
+    multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
-        decoded = torchvision.io.decode_jpeg([payloads[i] for i in jpeg], device=device, mode=rgb)
-    except RuntimeError:  # one bad file fails the batched call: decode one by one, falling back per image
-        decoded = []
-        for i in jpeg:
-            try:
-                decoded.append(torchvision.io.decode_jpeg(payloads[i], device=device, mode=rgb))
-            except RuntimeError:  # (and a file that PIL cannot decode either is replaced, as in the workers)
-                decoded.append(None)
-                index = int(rows[i, 0])
-                im, source = train_set.readable(epoch, index, lambda e, j: train_set.cropped(e, j)[0])
-                out[i] = pil_to_chw(im).to(device)
-                if source != index:
-                    labels[i], replaced[i] = train_set.samples[source][1], index
-    for i, img in zip(jpeg, decoded):
-        if img is not None:
-            out[i] = crop_resize(img, rows[i], size)
-    return flip_jitter(torch.stack(out), rows, train_set.args.color_jitter > 0)
-
-
-def crop_resize(img, row, size):
-    """One decoded uint8 [3, H, W] image on the device -> its crop (row: index, x0, y0, w, h, ...) resized to
-    uint8 [3, size, size]."""
-    x0, y0, w, h = (int(v) for v in row[1:5])
-    x = F.interpolate(img[None, :, y0:y0 + h, x0:x0 + w].float(), size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)[0]
-    return x.clamp(0, 255).round().to(torch.uint8)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return "forkserver"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1578,6 +1421,12 @@ class Metrics:
                 self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
         self.save()
         self.tb = open_tensorboard(tensorboard, out)
+        try:
+            import matplotlib  # noqa: F401 (the curves need it, the run does not)
+            self.curves = os.path.join(out, "curves.png")
+        except ImportError:
+            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
+            self.curves = None
 
     def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
         M.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
@@ -1590,7 +1439,8 @@ class Metrics:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(k, v, row["epoch"])
             self.tb.flush()
-        draw_curves(self.rows, os.path.join(self.out, "curves.png"))
+        if self.curves:
+            draw_curves(self.rows, self.curves)
 
 
 def open_tensorboard(enabled, out):
@@ -1604,26 +1454,17 @@ def open_tensorboard(enabled, out):
     return SummaryWriter(out)
 
 
-_said_no_matplotlib = []
-
-
 def draw_curves(rows, path):
     """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not _said_no_matplotlib:
-            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
-            _said_no_matplotlib.append(True)
-        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     ep = [r["epoch"] for r in rows]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
     a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (augmented)")
     a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
     a.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
-    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "validation top-5")):
+    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "top-5")):
         if all(key in r for r in rows):
             b.plot(ep, [r[key] for r in rows], "o-", label=label)
     b.set(title="accuracy", xlabel="epoch", ylabel="%")
@@ -1648,88 +1489,6 @@ def draw_curves(rows, path):
 def fmt_time(s):
     s = int(max(s, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Speed: --benchmark (pure compute against the real pipeline) and --benchmark-data (the pipeline alone)
-# ---------------------------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class FixedBatch:
-    """Serves one batch over and over: the compute ceiling of --benchmark."""
-    wait = 0.0
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __next__(self):
-        return self.batch
-
-
-def timed_steps(run, source, n, sums):
-    """(img/s, data-wait share) of n train steps fed by source, after 2 untimed warm-up steps (cuDNN autotuning,
-    compilation, the workers' first batches)."""
-    args = run.args
-    for i in range(n + 2):
-        if i == 2:
-            sync(run.place.device)
-            t, wait0 = time.time(), source.wait
-        train_step(run, source, step_mix(args, 0, i, train_size_at(args, 0)), sums)
-    sync(run.place.device)
-    secs = time.time() - t
-    return n * args.batch_size * args.grad_accum / secs, (source.wait - wait0) / secs
-
-
-def benchmark(args, inputs, place):
-    """N steps of the real pipeline (loader, decoding, augmentation, the train step), then N steps on one fixed batch
-    with the LR at 0 (the compute ceiling: the same arithmetic, but it never fits the batch). One JSON line."""
-    device, train_samples = place.device, inputs.train_samples
-    sampler = EpochBatches(len(train_samples), args.batch_size, 1, 0, args.grad_accum, args.seed)
-    n = min(args.benchmark, sampler.steps - 3)
-    if n < 1:
-        raise UserError(f"train/ has {sampler.steps} steps of {args.batch_size}: too few to time --benchmark {args.benchmark}")
-    run = build_run(args, len(inputs.classes), sampler.steps, place)
-    train_set = TrainSet(train_samples, args, args.decode, augment_place(args, device))
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None  # (as the training loop copies batches)
-    loader = make_loader(train_set, args.workers, device, batch_sampler=sampler)
-    batches = DeviceBatches(loader, train_set, 0, device, side)
-    sums = EpochSums(run)
-    pipeline, wait = timed_steps(run, batches, n, sums)
-    fixed = FixedBatch(next(batches))
-    batches.close()
-    run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda s: 0.0)  # LR 0 from here on
-    compute, _ = timed_steps(run, fixed, n, sums)
-    print(json.dumps(dict(arch=args.arch, batch_size=args.batch_size, train_size=train_size_at(args, 0), device=str(device),
-                          amp=amp_name(place.amp_dtype), channels_last=args.channels_last, compile=args.compile,
-                          decode=args.decode, workers=args.workers, steps=n, compute_img_per_s=round(compute, 1),
-                          pipeline_img_per_s=round(pipeline, 1), pipeline_vs_compute=round(pipeline / compute, 3),
-                          data_wait_pct=round(100 * wait, 1))), flush=True)
-    return 0
-
-
-def benchmark_data(args, inputs, place):
-    """The training input pipeline alone (workers decoding and augmenting), no model: img/s and per worker."""
-    samples, device = inputs.train_samples, place.device
-    sampler = EpochBatches(len(samples), args.batch_size, 1, 0, 1, args.seed)
-    train_set = TrainSet(samples, args, args.decode, augment_place(args, device))
-    loader = make_loader(train_set, args.workers, device, batch_sampler=sampler)
-    batches = DeviceBatches(loader, train_set, 0, device, torch.cuda.Stream(device) if device.type == "cuda" else None)
-    next(batches)  # workers started and warm
-    n_batches = min(args.benchmark_data, sampler.steps - 2)
-    sync(device)
-    t, images = time.time(), 0
-    for _ in range(n_batches):
-        images += len(next(batches)[1])
-    sync(device)
-    secs = time.time() - t
-    batches.close()
-    print(json.dumps(dict(decode=args.decode, augment_on=train_set.augment_on, images=images, seconds=round(secs, 3), train_size=train_size_at(args, 0),
-                          workers=args.workers, img_per_s=round(images / secs, 1),
-                          img_per_s_per_worker=round(images / secs / max(args.workers, 1), 1))), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ DEFAULT_RULE = "edge_div3"
 class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
 
-    def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
+    def __str__(self):  # (re-raised from a DataLoader worker, its text holds the worker's traceback: keep our line)
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
 
@@ -629,7 +629,8 @@ def augment(x_u8, r, mean, std, pad, cutout, channels_last):
         shift = as_dev(r["shift"])
         rows = (shift[:, 0:1] + torch.arange(H, device=dev))[:, None, :, None]
         cols = (shift[:, 1:2] + torch.arange(W, device=dev))[:, None, None, :]
-        x_u8 = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols]
+        images = torch.arange(B, device=dev)[:, None, None, None]
+        x_u8 = xp[images, torch.arange(C, device=dev)[None, :, None, None], rows, cols]
     x_u8 = torch.where(as_dev(r["flip"])[:, None, None, None], x_u8.flip(3), x_u8)
     x = M.normalize(x_u8, mean, std, channels_last)
     if cutout > 0:
@@ -663,7 +664,7 @@ def crop_photo(args, epoch, index, path, size):
     def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
         d.append(draw_augmentation(args, epoch, index, W, H))  # keeps the crop >= size on both sides
         return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
-    im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: see TrainSet.readable())
+    im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: the caller replaces or names the photo)
     d = d[0] if d else draw_augmentation(args, epoch, index, W, H)  # not a JPEG: smallest_size() was not called
     x0, y0, w, h = d.box
     sx, sy = im.size[0] / W, im.size[1] / H
@@ -706,15 +707,11 @@ def sample_crop(rng, width, height, min_scale, ratio=(3 / 4, 4 / 3)):
 @dataclasses.dataclass
 class Draws:
     """Everything random about one training image: the crop box in the original image, the flip, and the
-    brightness/contrast/saturation factors with their order. CPU and GPU decoding apply the same draws."""
+    brightness/contrast/saturation factors with their order."""
     box: tuple
     flip: bool
     factors: object  # np.ndarray of 3 factors, or None without jitter
     order: np.ndarray
-
-    def as_row(self):
-        f = self.factors if self.factors is not None else np.ones(3)
-        return [*self.box, float(self.flip), *f, *self.order]
 
 
 def pil_to_chw(im):

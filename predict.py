@@ -35,7 +35,7 @@ PRETRAINED = dict(url="https://download.pytorch.org/models/resnet50-11ad3fa6.pth
 class UserError(Exception):
     """Bad flags, data or checkpoints: reported as one line, no traceback."""
 
-    def __str__(self):  # raised in a DataLoader worker, it comes back wrapped in the worker's traceback: keep our line
+    def __str__(self):  # (re-raised from a DataLoader worker, its text holds the worker's traceback: keep our line)
         text = super().__str__().strip()
         return text.splitlines()[-1].split("UserError: ", 1)[-1] if "\n" in text else text
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cifar  # noqa: E402
+import cifar_speed  # noqa: E402 (bench/, beside this script)
 import model as M  # noqa: E402
 
 
@@ -63,19 +64,19 @@ def main():
     data = cifar.load_data(args)
     steps_per_epoch = len(data.y_tr) // args.batch_size
     device = cifar.pick_device(args.device)
-    place = cifar.Place(0, 1, device, cifar.pick_amp(args.amp, device))
+    place = cifar.Place(device, cifar.pick_amp(args.amp, device))
     run = cifar.build_run(args, len(data.classes), max(steps_per_epoch, 2 * own.steps + 10), place)
     data.x_tr, data.y_tr = data.x_tr.to(run.place.device), data.y_tr.to(run.place.device)
     order = cifar.epoch_order(args.seed, 0, len(data.y_tr)).to(run.place.device)
     draws = cifar.EpochDraws(args, 0, steps_per_epoch, run.place.device)
-    contenders = {"pipeline": (lambda i: cifar.training_batch(args, data, order, draws, i % steps_per_epoch), cifar.stepper(run)),
+    contenders = {"pipeline": (lambda i: cifar.training_batch(args, data, order, draws, i % steps_per_epoch), cifar_speed.stepper(run)),
                   "article": article_recipe(args, run.place.device)}
     for make_batch, step_fn in contenders.values():
-        cifar.timed_steps(3, make_batch, step_fn, run.place.device)
+        cifar_speed.timed_steps(3, make_batch, step_fn, run.place.device)
     seconds = dict.fromkeys(contenders, 0.0)
     for r in range(own.steps // 2):
         for name, (make_batch, step_fn) in contenders.items():
-            seconds[name] += cifar.timed_steps(2, make_batch, step_fn, run.place.device, first=3 + 2 * r)
+            seconds[name] += cifar_speed.timed_steps(2, make_batch, step_fn, run.place.device, first=3 + 2 * r)
             if name == "article":
                 # let its workers refill their queue untimed, so that they do not steal the next round's cores: this
                 # flatters the article's recipe, whose data preparation is then not timed at all

@@ -7,10 +7,8 @@ for README's input-pipeline tables and its workers-per-GPU advice.
 
 The timed run interleaves the pipelines round by round (these VMs drift over minutes), each round a fresh loader
 whose workers are started and warm (their first batch untimed) over the same images in the same order (one epoch's
-permutation), so every side decodes the same photos the same number of times. Three contenders: the article's,
-imagenet_ddp.py with flip and jitter in the workers (training on a CPU), and imagenet_ddp.py's workers when training
-on a GPU (--augment-on device: flip and jitter run on the GPU, bit-exact to the workers' PIL). One JSON line per round,
-then one with the medians and the ratios. --breakdown times each stage of one worker's work per image, in one process.
+permutation), so both sides decode the same photos the same number of times. One JSON line per round, then one with
+the medians and the ratio. --breakdown times each stage of one worker's work per image, in one process.
 All draw the same augmentation distribution (area 8-100%, ratio 3/4-4/3, flip, brightness/contrast/saturation 0.4 in a
 random order) at --image-size.
 """
@@ -22,7 +20,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,18 +33,17 @@ def article_transform(size, jitter):
 
 
 def loaders(a, samples):
-    """The three contenders' loaders over the same images: the first whole batches of epoch 0's permutation."""
+    """The two contenders' loaders over the same images: the first whole batches of epoch 0's permutation."""
     import torchvision
     args = imagenet_ddp.get_args(["--data", a.data, "--image-size", str(a.image_size), "--batch-size", str(a.batch_size)])
     n = len(samples) // a.batch_size * a.batch_size
     order = imagenet_ddp.M.seeded(0, 0, imagenet_ddp.M.Stream.ORDER).permutation(len(samples))[:n].tolist()
     batches = [[(0, i) for i in order[b:b + a.batch_size]] for b in range(0, n, a.batch_size)]
     common = dict(num_workers=a.workers, worker_init_fn=imagenet_ddp.worker_init, prefetch_factor=4)
-    ours = lambda place: torch.utils.data.DataLoader(imagenet_ddp.TrainSet(samples, args, "cpu", place),
-                                                     batch_sampler=batches, **common)
+    ours = torch.utils.data.DataLoader(imagenet_ddp.TrainSet(samples, args), batch_sampler=batches, **common)
     folder = torchvision.datasets.ImageFolder(os.path.join(a.data, "train"), transform=article_transform(a.image_size, 0.4))
     article = torch.utils.data.DataLoader(torch.utils.data.Subset(folder, order), batch_size=a.batch_size, **common)
-    return {"article": article, "ours_workers_augment": ours("workers"), "ours_device_augment": ours("device")}
+    return {"article": article, "ours": ours}
 
 
 def time_loader(loader):
@@ -55,7 +51,7 @@ def time_loader(loader):
     next(it)  # workers started and warm
     t, images = time.time(), 0
     for batch in it:
-        images += len(batch[-1])
+        images += len(batch["label"] if isinstance(batch, dict) else batch[1])
     return images, time.time() - t
 
 
@@ -70,8 +66,7 @@ def interleaved(a, samples):
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(json.dumps(dict(summary="median img/s per worker", image_size=a.image_size, batch_size=a.batch_size,
                           workers=a.workers, rounds=a.rounds, **{k: round(v, 1) for k, v in med.items()},
-                          workers_augment_vs_article=round(med["ours_workers_augment"] / med["article"], 3),
-                          device_augment_vs_article=round(med["ours_device_augment"] / med["article"], 3))), flush=True)
+                          ours_vs_article=round(med["ours"] / med["article"], 3))), flush=True)
 
 
 class Clock:
@@ -96,9 +91,9 @@ def breakdown_ours(train_set, samples, clock, batch_size):
         clock.lap("read")
         im = Image.open(io.BytesIO(data))
         W, H = im.size
-        d = train_set.draw(0, index, W, H)
+        d = imagenet_ddp.draw_augmentation(train_set.args, 0, index, W, H)
         clock.lap("header + draws")
-        if im.format == "JPEG":  # (model.open_rgb's reduced-size decoding, as TrainSet.cropped() calls it)
+        if im.format == "JPEG":  # (model.open_rgb's reduced-size decoding, as crop_photo() calls it)
             im.draft("RGB", (max(1, W * size // d.box[2]), max(1, H * size // d.box[3])))
         im.load()
         im = im if im.mode == "RGB" else im.convert("RGB")

@@ -4,6 +4,7 @@ Subprocess tests take the paths users and launchers take: scripts started as `py
 signals sent to process groups, commands copied from the docstrings and README. Every child process is started in its
 own session and its whole group is killed when a test ends, so a failing test never leaves torchrun behind.
 """
+import itertools
 import json
 import math
 import os
@@ -256,13 +257,17 @@ def assert_state_equal(a, b):
 
 
 def cpu_place(module, args):
-    """Where a test's run lives: one process (rank 0 of 1) on the CPU, at args.amp's precision."""
+    """Where a test's run lives: one process (imagenet_ddp: rank 0 of 1) on the CPU, at args.amp's precision."""
     cpu = torch.device("cpu")
-    return module.Place(0, 1, cpu, module.pick_amp(args.amp, cpu))
+    if module.__name__ == "imagenet_ddp":
+        return module.Place(0, 1, cpu, module.pick_amp(args.amp, cpu))
+    return module.Place(cpu, module.pick_amp(args.amp, cpu))
 
 
 def build_run(module, args, num_classes, steps):
     """module.build_run (cifar or imagenet_ddp) for one CPU process."""
+    if module.__name__ == "imagenet_ddp":
+        return module.build_run(args, num_classes, steps, cpu_place(module, args), module.grad_accum(args, 1, None))
     return module.build_run(args, num_classes, steps, cpu_place(module, args))
 
 
@@ -349,7 +354,7 @@ def _precision_run(module, amp, tmp_path, step=True):
         if not step:
             return run
         batch = (torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))
-        imagenet_ddp.train_step(run, imagenet_ddp.FixedBatch(batch), None, imagenet_ddp.EpochSums(run))
+        imagenet_ddp.train_step(run, itertools.repeat(batch), None, imagenet_ddp.EpochSums(run.place.device))
     return run
 
 

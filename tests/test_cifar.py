@@ -248,10 +248,11 @@ def test_curves_redrawn_from_the_whole_history_and_said_once_without_matplotlib(
     assert drawn[-1] == [1, 2, 3] and [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(cifar, "_said_no_matplotlib", [])
-    for _ in range(2):
-        cifar.draw_curves(resumed.rows, str(tmp_path / "c.png"))
-    assert capsys.readouterr().out.count("matplotlib is not installed") == 1 and not (tmp_path / "c.png").exists()
+    capsys.readouterr()
+    without = cifar.Metrics(str(tmp_path), 3, False)
+    for e in (4, 5):
+        without.write(dict(epoch=e, lr=0.1, train_loss=0.5, val_loss=0.9, val_top1=60.0))
+    assert capsys.readouterr().out.count("matplotlib is not installed") == 1 and not (tmp_path / "curves.png").exists()
 
 
 CIFAR_RESUME = ["--dataset", "cifar10", "--epochs", "2", "--ema", "0.9", "--mixup", "0.2", "--cutmix", "1.0",
@@ -385,13 +386,35 @@ def test_cifar_bad_checkpoints_never_overwrite(capsys, tmp_path):
     assert (out / "last.pt").read_bytes() == last and (out / "best.pt").read_bytes() == best
 
 
-def test_cifar_benchmark_prints_json(tmp_path, capsys):
-    data = write_tiny_cifar(tmp_path / "d", n_train=64, n_test=16)
-    assert cifar.main(["--dataset", "cifar10", "--data-dir", str(data), "--benchmark", "2", "--batch-size", "16",
-                       "--out", str(tmp_path / "o")]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("compute_img_per_s", "pipeline_img_per_s", "pipeline_vs_compute", "train_gflop_per_img", "mfu"):
-        assert res[key] > 0, key
-    assert 3.0 < res["train_gflop_per_img"] < 3.6  # ResNet-18 CIFAR: 0.56 GMAC = 1.11 GFLOP forward, x3 for training
-    assert res["steps"] == 2 and res["batch_size"] == 16
-    assert not (tmp_path / "o").exists()  # a benchmark writes nothing
+def test_cifar_evaluation_modes_against_a_direct_computation(tmp_path):
+    """What epoch_report() records at the last epoch, against the same figures computed here from the networks and the
+    test split: plain evaluation of the EMA weights (val_loss, val_top1, val_top5), flip TTA of them (the average of
+    the probabilities of each image and its mirror image), and plain evaluation of the raw weights."""
+    data_dir = write_tiny_cifar(tmp_path / "d", n_train=32, n_test=20)
+    args = cifar.get_args(["--dataset", "cifar10", "--data-dir", str(data_dir), "--epochs", "1", "--batch-size", "8",
+                           "--ema", "0.5", "--amp", "off", "--lr", "0.05", "--out", str(tmp_path / "o")])
+    data = cifar.load_data(args)
+    run = build_run(cifar, args, len(data.classes), 4)
+    order, draws, sums = cifar.epoch_order(0, 0, 32), cifar.EpochDraws(args, 0, 4, run.place.device), cifar.EpochSums("cpu")
+    run.model.train()
+    for step in range(4):
+        x, y, lam = cifar.training_batch(args, data, order, draws, step)
+        sums.add(*cifar.train_step(run, x, y, lam), y)
+        run.ema.update(run.model)
+    row = cifar.epoch_report(run, data, 0, sums)
+
+    @torch.no_grad()
+    def direct(net):
+        net.eval()
+        x = M.normalize(data.x_te, data.mean, data.std, True)
+        logits = net(x).float()
+        probs = torch.softmax(logits, 1)
+        both = (probs + torch.softmax(net(torch.flip(x, dims=[3])).float(), 1)) / 2
+        loss = -torch.log_softmax(logits, 1)[torch.arange(20), data.y_te].mean().item()
+        top5 = sum(int(y in p.argsort(descending=True)[:5]) for p, y in zip(probs, data.y_te))
+        percent = lambda p: 100.0 * (p.argmax(1) == data.y_te).sum().item() / 20
+        return dict(loss=loss, top1=percent(probs), top5=100.0 * top5 / 20, tta=percent(both))
+    ema, raw = direct(run.ema.module), direct(run.model)
+    assert row["val_loss"] == pytest.approx(ema["loss"], rel=1e-4) and abs(ema["loss"] - raw["loss"]) > 1e-3
+    assert (row["val_top1"], row["val_top5"], row["val_top1_tta"]) == (ema["top1"], ema["top5"], ema["tta"])
+    assert row["val_top1_raw"] == raw["top1"]

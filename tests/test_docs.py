@@ -63,8 +63,7 @@ def bench_readme_commands():
 
 # Flags whose values a test must shrink (sizes, lengths), and what they become. Everything else runs as written.
 SHRINK = {"--epochs": "1", "--batch-size": "4", "--image-size": "32", "--train-size": "32", "--val-size": "32",
-          "--min-train-size": "32", "--val-resize": "36", "--workers": "1", "--benchmark": "2", "--benchmark-data": "2",
-          "--num-iter": "12", "--verify": "10", "--device": "cpu"}
+          "--min-train-size": "32", "--val-resize": "36", "--workers": "1", "--num-iter": "12", "--verify": "10", "--device": "cpu"}
 
 
 ADD = {"cifar.py": {"--epochs": "1", "--batch-size": "4"}, "lrfind.py": {"--num-iter": "12", "--batch-size": "4"},
@@ -111,7 +110,7 @@ def make_doc_data(folder):
         for d in (folder / "samples" / "cifar10-1k" / split).iterdir():
             for photo in sorted(d.iterdir())[keep:]:
                 photo.unlink()
-    write_image_folder(folder / "data" / "imagenet", per_class=(8, 2), size=48)  # (--benchmark 2 needs 6 steps of 4)
+    write_image_folder(folder / "data" / "imagenet", per_class=(8, 2), size=48)
     write_image_folder(folder / "data" / "imagenette-224", per_class=(4, 2), size=48,
                        classes=("n01440764", "n02102040", "n02979186"))
     for name in ("img.jpg", "some_photo.jpg", "photos/a.jpg", "photos/b.jpg", "more/c.png"):
@@ -129,7 +128,7 @@ def fresh_run_folder(script, argv):
     """The folder a fresh training command writes (None for anything else). The docs offer alternatives that write
     the same default folder (`--lr X`, then a recipe with CutMix): a user picks one; the test runs each, afresh."""
     if script not in ("cifar.py", "imagenet_ddp.py") or any(
-            f in argv for f in ("--resume", "--evaluate", "--benchmark", "--benchmark-data", "--help")):
+            f in argv for f in ("--resume", "--evaluate", "--help")):
         return None
     value = lambda flag, default: argv[argv.index(flag) + 1] if flag in argv else default
     if "--out" in argv:

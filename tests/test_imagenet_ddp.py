@@ -2,6 +2,7 @@
 import copy
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -490,6 +491,17 @@ def test_ddp_evaluate_agrees_on_1_and_2_processes_and_with_the_training_figure(d
     row = next(r for r in read_jsonl(ref_out / "metrics.jsonl") if r["epoch"] == best["epoch"])
     assert best["val_top1"] == row["val_top1"] == r1["val_top1"]
     assert row["val_loss"] == pytest.approx(r1["val_loss"], rel=1e-5)
+    # ... and what a direct computation gives: model.py's preprocessing of each photo, the checkpoint's network
+    net = M.model_from_checkpoint(best).eval().to(memory_format=torch.channels_last)
+    _, _, val = imagenet_ddp.check_data(str(inet_data))
+    x = torch.stack([M.eval_image(path, 32, 36) for path, _ in val])
+    y = torch.tensor([label for _, label in val])
+    amp = imagenet_ddp.pick_amp("auto", torch.device("cpu"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        logits = torch.cat([net(M.normalize(x[i:i + 4], M.IMAGENET_MEAN, M.IMAGENET_STD, True)).float()
+                            for i in range(0, len(y), 4)])
+    assert r1["val_top1"] == 100.0 * (logits.argmax(1) == y).sum().item() / len(y)
+    assert r1["val_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-4)
 
 
 def test_ddp_bad_input_fails_fast_on_every_rank(tmp_path, inet_data):
@@ -525,7 +537,6 @@ def test_ddp_bad_inputs_single_process(capsys, tmp_path, inet_data):
     assert "--warmup-epochs" in _ddp_error(capsys, "--data", inet_data, "--epochs", "2", "--warmup-epochs", "3")
     assert "go together" in _ddp_error(capsys, "--data", inet_data, "--min-train-size", "128")
     assert "--val-resize" in _ddp_error(capsys, "--data", inet_data, "--val-size", "64", "--val-resize", "48")
-    assert "--decode gpu needs" in _ddp_error(capsys, "--data", inet_data, "--decode", "gpu", "--device", "cpu")
     if not torch.cuda.is_available():
         assert "CUDA is not available" in _ddp_error(capsys, "--data", inet_data, "--device", "cuda", "--out", tmp_path / "o")
     trunc = tmp_path / "t.pt"
@@ -632,7 +643,6 @@ def test_short_runs_cap_the_default_warm_up():
 
 def test_ddp_schedules_and_scaled_lr():
     """Cosine with linear warm-up, and One Cycle: LR per step against the formulas; peak = lr x global batch / 256."""
-    net = nn.Linear(2, 2)
     args = imagenet_ddp.get_args(["--epochs", "4", "--warmup-epochs", "1", "--lr", "0.2", "--batch-size", "32",
                                   "--grad-accum", "2"])
     run = build_run(imagenet_ddp, args, 3, 10)
@@ -687,14 +697,14 @@ def test_ddp_precision_memory_format_label_smoothing_are_used(amp, channels_last
     run.model.layer1.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype, cl=o.is_contiguous(memory_format=torch.channels_last)))
     batch = (torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))
     before = copy.deepcopy(run.model)
-    sums = imagenet_ddp.EpochSums(run)
-    imagenet_ddp.train_step(run, imagenet_ddp.FixedBatch(batch), None, sums)
+    sums = imagenet_ddp.EpochSums(run.place.device)
+    imagenet_ddp.train_step(run, itertools.repeat(batch), None, sums)
     assert seen == {"dtype": dtype, "cl": channels_last}
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=amp != "off"):
         logits = before(M.normalize(batch[0], M.IMAGENET_MEAN, M.IMAGENET_STD, channels_last)).float()
     smoothed = nn.functional.cross_entropy(logits, batch[1], label_smoothing=0.2).item()
     recorded, plain = sums.local_loss.item() / 4, nn.functional.cross_entropy(logits, batch[1]).item()
-    assert sums.state()["seen"] == 4 and recorded == pytest.approx(smoothed, rel=1e-3)
+    assert sums.seen == 4 and recorded == pytest.approx(smoothed, rel=1e-3)
     # the recorded loss is the smoothed one, not the plain one (a new network's near-uniform logits put the two
     # within 1e-3 of each other in bf16, so the test compares distances)
     assert abs(recorded - smoothed) < 0.1 * abs(plain - smoothed)
@@ -721,16 +731,17 @@ def test_train_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     args = imagenet_ddp.get_args(["--image-size", "32", "--train-size", "48", "--min-train-size", "32", "--ramp-epochs", "3", "4"])
     ds = imagenet_ddp.TrainSet(train, args)
     for i in range(len(train)):
-        x, y, replaced = ds[(3, i)]
+        item = ds[(3, i)]
+        x, y, replaced = item["image"], item["label"], item["replaced"]
         assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == train[i][1] and replaced == -1
-        assert torch.equal(x, ds[(3, i)][0])  # same (seed, epoch, index): same pixels
-        assert ds[(4, i)][0].shape == (3, 48, 48)  # the size follows the epoch
-    assert not torch.equal(ds[(3, 0)][0], ds[(2, 0)][0])  # another epoch: another crop
+        assert torch.equal(x, ds[(3, i)]["image"])  # same (seed, epoch, index): same pixels
+        assert ds[(4, i)]["image"].shape == (3, 48, 48)  # the size follows the epoch
+    assert not torch.equal(ds[(3, 0)]["image"], ds[(2, 0)]["image"])  # another epoch: another crop
     # --color-jitter and --min-scale change the draws
-    draws = [ds.draw(0, i, 400, 300) for i in range(300)]
+    draws = [imagenet_ddp.draw_augmentation(args, 0, i, 400, 300) for i in range(300)]
     assert min(d.box[2] * d.box[3] for d in draws) < 0.15 * 400 * 300 and all(d.factors is not None for d in draws)
-    tight = imagenet_ddp.TrainSet(train, imagenet_ddp.get_args(["--min-scale", "0.5", "--color-jitter", "0"]))
-    tdraws = [tight.draw(0, i, 400, 300) for i in range(300)]
+    tight = imagenet_ddp.get_args(["--min-scale", "0.5", "--color-jitter", "0"])
+    tdraws = [imagenet_ddp.draw_augmentation(tight, 0, i, 400, 300) for i in range(300)]
     assert min(d.box[2] * d.box[3] for d in tdraws) >= 0.49 * 400 * 300 and all(d.factors is None for d in tdraws)
     # the global order splits identically whatever the world size, given the same global batch
     one = list(imagenet_ddp.EpochBatches(50, 8, 1, 0, 1, 0))
@@ -772,104 +783,13 @@ def test_crop_sampler_matches_torchvision_distribution():
     assert all(0 <= x0 and x0 + w <= 400 and 0 <= y0 and y0 + h <= 300 for x0, y0, w, h in ours)
 
 
-def test_gpu_decode_path_draws_the_same_and_falls_back(tmp_path):
-    """--decode gpu, run here with the device set to the CPU: the workers' draws are the CPU path's, the decoded
-    and augmented pixels are close to PIL's, and what nvjpeg cannot decode takes the CPU path exactly."""
-    from PIL import Image
-    write_image_folder(tmp_path / "d", per_class=(3, 1), size=96)
-    Image.new("CMYK", (64, 48), (10, 200, 30, 0)).save(tmp_path / "d" / "train" / "dog" / "cmyk.jpg")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "d" / "train" / "fox" / "p.png")
-    classes, train, _ = imagenet_ddp.check_data(str(tmp_path / "d"))
-    args = imagenet_ddp.get_args(["--image-size", "64", "--color-jitter", "0.4"])
-    cpu_set, gpu_set = imagenet_ddp.TrainSet(train, args, "cpu"), imagenet_ddp.TrainSet(train, args, "gpu")
-    items = [gpu_set[(1, i)] for i in range(len(train))]
-    batch = imagenet_ddp.collate_jpeg(items)
-    x = imagenet_ddp.gpu_augment(batch, gpu_set, 1, torch.device("cpu"))
-    assert x.shape == (len(train), 3, 64, 64) and x.dtype == torch.uint8
-    for i, (path, _) in enumerate(train):
-        ref = cpu_set.cpu_pixels(1, i)
-        if path.endswith((".png", "cmyk.jpg")):
-            assert items[i][0].dim() == 3 and torch.equal(x[i], ref), path  # the CPU path, bit for bit
-        else:
-            assert items[i][0].dim() == 1  # the file's bytes, for nvjpeg
-            with Image.open(path) as im:
-                d = cpu_set.draw(1, i, *im.size)
-            assert items[i][1][1:6].tolist() == [*d.box, float(d.flip)]
-            assert (x[i].float() - ref.float()).abs().mean() < 8, path  # other resampling, same crop/flip/jitter
-    # nvjpeg refusing an image (here: its bytes replaced by garbage) sends that image through the CPU path
-    bad = [(torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 garbage"), dtype=torch.uint8), *items[0][1:])] + items[1:]
-    y = imagenet_ddp.gpu_augment(imagenet_ddp.collate_jpeg(bad), gpu_set, 1, torch.device("cpu"))
-    assert torch.equal(y[0], cpu_set.cpu_pixels(1, 0)) and torch.equal(y[1:], x[1:])
-    # ... and a file that PIL cannot decode either (broken after the worker read its header) is replaced, label too
-    with open(train[0][0], "r+b") as f:
-        f.truncate(200)
-    _, source = cpu_set.readable(1, 0, cpu_set.cropped)
-    batch = imagenet_ddp.collate_jpeg(bad)
-    y = imagenet_ddp.gpu_augment(batch, gpu_set, 1, torch.device("cpu"))
-    assert source != 0 and batch[2][0] == train[source][1] and batch[3].tolist() == [0] + [-1] * (len(train) - 1)
-    assert y.shape == x.shape and torch.equal(y[1:], x[1:])
-
-
-def test_flip_and_jitter_on_the_device_are_the_workers_pil_bit_for_bit(tmp_path):
-    """--augment-on device: the worker only decodes, crops and resizes, and flip_jitter() gives exactly the pixels that
-    PIL's flip and ImageEnhance give in the worker (RGB, grey and CMYK JPEGs, a PNG, strong jitter that clamps), for
-    single items and for a loader's batch; with --color-jitter 0 it only flips."""
-    from PIL import Image
-    write_image_folder(tmp_path / "d", per_class=(4, 1), size=64)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (70, 50, 3), dtype=np.uint8)).save(tmp_path / "d" / "train" / "cat" / "noise.png")
-    Image.fromarray((rng.random((60, 80, 3)) * 40 + 200).astype(np.uint8)).save(tmp_path / "d" / "train" / "dog" / "bright.jpg")
-    Image.new("L", (50, 70), 100).save(tmp_path / "d" / "train" / "fox" / "gray.jpg")
-    Image.new("CMYK", (64, 48), (10, 200, 30, 0)).save(tmp_path / "d" / "train" / "dog" / "cmyk.jpg")
-    _, train, _ = imagenet_ddp.check_data(str(tmp_path / "d"))
-    for jitter in ("0.9", "0"):
-        args = imagenet_ddp.get_args(["--image-size", "32", "--color-jitter", jitter])
-        workers, device = imagenet_ddp.TrainSet(train, args, "cpu", "workers"), imagenet_ddp.TrainSet(train, args, "cpu", "device")
-        for epoch in (0, 1, 2):
-            items = [device[(epoch, i)] for i in range(len(train))]
-            assert all(y == train[i][1] and row[0] == i and replaced == -1 for i, (_, row, y, replaced) in enumerate(items))
-            x = imagenet_ddp.flip_jitter(torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]), jitter != "0")
-            ref = torch.stack([workers.cpu_pixels(epoch, i) for i in range(len(train))])
-            assert x.dtype == torch.uint8 and torch.equal(x, ref), (jitter, epoch, (x != ref).sum())
-    # through the loader and DeviceBatches, as the trainer takes them (one worker)
-    args = imagenet_ddp.get_args(["--image-size", "32", "--color-jitter", "0.4", "--augment-on", "device"])
-    place = imagenet_ddp.augment_place(args, torch.device("cpu"))
-    sampler = imagenet_ddp.EpochBatches(len(train), 4, 1, 0, 1, 0)
-    sampler.set_epoch(1)
-    ds = imagenet_ddp.TrainSet(train, args, "cpu", place)
-    batches = imagenet_ddp.DeviceBatches(imagenet_ddp.make_loader(ds, 1, torch.device("cpu"), batch_sampler=sampler), ds, 1,
-                                         torch.device("cpu"))
-    workers = imagenet_ddp.TrainSet(train, args, "cpu", "workers")
-    for micro in list(sampler):
-        x, y = next(batches)
-        assert torch.equal(x, torch.stack([workers.cpu_pixels(e, i) for e, i in micro]))
-        assert y.tolist() == [train[i][1] for _, i in micro]
-    batches.close()
-
-
-def test_augment_place_and_the_default_number_of_workers(monkeypatch):
-    """auto: flip and jitter on the device when it is a GPU, in the workers on a CPU; --decode gpu always on the device.
-    The default --workers: this rank's share of the cores less one, at least 1, at most 16."""
-    place = lambda *f, dev="cpu": imagenet_ddp.augment_place(imagenet_ddp.get_args(list(f)), torch.device(dev))
-    assert place() == "workers" and place(dev="cuda") == "device" and place("--decode", "gpu") == "device"
-    assert place("--augment-on", "device") == "device" and place("--augment-on", "workers", dev="cuda") == "workers"
+def test_the_default_number_of_workers(monkeypatch):
+    """The default --workers: this rank's share of the cores less one, at least 1, at most 16."""
     for cores, local_world, workers in ((2, 1, 1), (2, 2, 1), (16, 1, 15), (128, 8, 15), (192, 1, 16), (1, 1, 1)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
         assert imagenet_ddp.get_args([]).workers == workers, (cores, local_world)
     assert imagenet_ddp.get_args(["--workers", "3"]).workers == 3
-
-
-def test_ddp_training_is_the_same_with_flip_and_jitter_on_the_device(tmp_path):
-    """A run with --augment-on device ends with the weights of the run with --augment-on workers, bit for bit: the
-    same draws, the same pixels, so a job may resume on another kind of machine and still replay its batches."""
-    data = write_image_folder(tmp_path / "d", per_class=(8, 1), size=40)
-    base = ["--data", str(data), "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
-            "--workers", "1", "--amp", "off", "--color-jitter", "0.4"]
-    for place in ("workers", "device"):
-        assert imagenet_ddp.main(base + ["--augment-on", place, "--out", str(tmp_path / place)]) == 0
-    a, b = M.load_checkpoint(tmp_path / "workers" / "last.pt"), M.load_checkpoint(tmp_path / "device" / "last.pt")
-    assert_state_equal(a["model"], b["model"])
 
 
 SYNSETS = ("n01440764", "n02102040", "n02979186")  # tench, English springer, cassette player
@@ -942,7 +862,7 @@ def test_loader_workers_ignore_stop_signals(method, tmp_path):
     _, train, _ = imagenet_ddp.check_data(str(tmp_path / "d"))
     ds = imagenet_ddp.TrainSet(train, imagenet_ddp.get_args(["--image-size", "16"]))
     sampler = imagenet_ddp.EpochBatches(len(train), 2, 1, 0, 1, 0)
-    loader = imagenet_ddp.make_loader(ds, 2, torch.device("cpu"), batch_sampler=sampler, context=method)
+    loader = imagenet_ddp.make_loader(ds, 2, torch.device("cpu"), method, batch_sampler=sampler)
     with imagenet_ddp.stop_signals_blocked():
         it = iter(loader)
     try:
@@ -952,7 +872,7 @@ def test_loader_workers_ignore_stop_signals(method, tmp_path):
                 os.kill(pid, sig)
         time.sleep(0.5)
         rest = list(it)
-        assert len(rest) + 2 == sampler.steps and first[0][0].shape == (2, 3, 16, 16)
+        assert len(rest) + 2 == sampler.steps and first[0]["image"].shape == (2, 3, 16, 16)
     finally:
         it._shutdown_workers()  # (a failure must not leave workers that ignore SIGTERM behind)
 
@@ -971,9 +891,9 @@ def test_loaders_under_a_process_group_start_workers_from_a_forkserver(tmp_path)
     _, train, _ = I.check_data({str(tmp_path / "d")!r})
     ds = I.TrainSet(train, I.get_args(["--image-size", "16"]))
     sampler = I.EpochBatches(len(train), 2, 1, 0, 1, 0)
-    assert I.make_loader(ds, 2, torch.device("cpu"), batch_sampler=sampler).multiprocessing_context is None
+    assert I.make_loader(ds, 2, torch.device("cpu"), I.worker_start_method(), batch_sampler=sampler).multiprocessing_context is None
     torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    loader = I.make_loader(ds, 1, torch.device("cpu"), batch_sampler=sampler)
+    loader = I.make_loader(ds, 1, torch.device("cpu"), I.worker_start_method(), batch_sampler=sampler)
     assert loader.multiprocessing_context.get_start_method() == "forkserver"
     servers = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.getpid() == int(open(f"/proc/{{p}}/stat").read()
                .rsplit(")", 1)[1].split()[1]) and b"forkserver import main" in open(f"/proc/{{p}}/cmdline", "rb").read()]
@@ -985,7 +905,7 @@ def test_loaders_under_a_process_group_start_workers_from_a_forkserver(tmp_path)
         assert f.read().rsplit(")", 1)[1].split()[0] != "Z", "the forkserver died of a stop signal"
     with I.stop_signals_blocked():
         batches = list(loader)
-    assert len(batches) == sampler.steps and batches[0][0].shape == (2, 3, 16, 16)
+    assert len(batches) == sampler.steps and batches[0]["image"].shape == (2, 3, 16, 16)
     torch.distributed.destroy_process_group()
     print("ok", flush=True)
 """
@@ -995,20 +915,18 @@ def test_loaders_under_a_process_group_start_workers_from_a_forkserver(tmp_path)
 
 
 def test_a_loader_left_running_does_not_hang_the_exit(tmp_path):
-    """An error can leave an epoch's iterator alive at exit; its workers ignore SIGTERM, which multiprocessing's exit
-    handler sends before it joins them: without imagenet_ddp's own handler, the process would never end."""
-    write_image_folder(tmp_path / "d", per_class=(8, 1), size=24)
-    code = ("import imagenet_ddp, torch\n"
-            f"_, train, _ = imagenet_ddp.check_data({str(tmp_path / 'd')!r})\n"
-            "ds = imagenet_ddp.TrainSet(train, imagenet_ddp.get_args(['--image-size', '16']))\n"
-            "batches = imagenet_ddp.EpochBatches(len(train), 2, 1, 0, 1, 0)\n"
-            "loader = imagenet_ddp.make_loader(ds, 2, torch.device('cpu'), batch_sampler=batches)\n"
-            "with imagenet_ddp.stop_signals_blocked():\n"
-            "    left = iter(loader)\n"
-            "next(left), next(left)\n"
-            "print('exiting', flush=True)\n")
-    res = run_group([sys.executable, "-c", code], timeout=60)
-    assert res.returncode == 0 and "exiting" in res.stdout, res.stderr[-2000:]
+    """An error main() does not catch (a bug) can leave a loader's iterator alive at exit, held by the traceback; its
+    workers ignore SIGTERM, which multiprocessing's exit handler sends before it joins them: unless main() kills them,
+    the process never ends. Here a validation photo's decoding raises a bug in a worker, mid-epoch."""
+    data = write_image_folder(tmp_path / "d", per_class=(4, 8), size=24)
+    code = ("import sys, imagenet_ddp\n"
+            "def bug(self, index):\n"
+            "    raise ZeroDivisionError('a bug in evaluation')\n"
+            "imagenet_ddp.EvalSet.__getitem__ = bug\n"
+            f"sys.exit(imagenet_ddp.main(['--data', {str(data)!r}, '--out', {str(tmp_path / 'o')!r}, '--arch', 'resnet18', "
+            "'--image-size', '16', '--epochs', '1', '--batch-size', '2', '--workers', '2', '--amp', 'off']))\n")
+    res = run_group([sys.executable, "-c", code], timeout=120)
+    assert res.returncode == 1 and "ZeroDivisionError: a bug in evaluation" in res.stderr, res.stderr[-2000:]
 
 
 def test_only_rank_0_prints_warnings(tmp_path):
@@ -1018,17 +936,6 @@ def test_only_rank_0_prints_warnings(tmp_path):
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE,
                              env=child_env(RANK=rank, WORLD_SIZE="1"))
         assert res.returncode == 0 and ("a warning from a rank" in res.stderr) == shown, (rank, res.stderr)
-
-
-def test_ddp_benchmarks_print_json(inet_data, capsys):
-    base = ["--data", str(inet_data), "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "1"]
-    assert imagenet_ddp.main(base + ["--benchmark", "3"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["steps"] == 3 and res["compute_img_per_s"] > 0 and res["pipeline_img_per_s"] > 0
-    assert 0 <= res["data_wait_pct"] <= 100 and res["decode"] == "cpu" and res["train_size"] == 32
-    assert imagenet_ddp.main(base + ["--benchmark-data", "4"]) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["images"] == 32 and res["img_per_s"] > 0 and res["img_per_s_per_worker"] == res["img_per_s"]
 
 
 def test_ddp_resume_refuses_other_classes_and_settings(inet_data, tmp_path, capsys, ddp_reference):

@@ -59,8 +59,8 @@ def test_help_shows_flag_groups_and_launch_commands(script):
 
 # Defined in more than one script, but each script's own: the same name for a different job in another story.
 OWN = {"build_parser", "get_args", "main", "Run", "build_run", "build_schedule", "EpochSums", "evaluate", "train_step",
-       "train_one_epoch", "benchmark", "timed_steps", "load_resume", "rebuild_info", "RESUME_MUST_MATCH",
-       "restore_training_state"}
+       "train_one_epoch", "load_resume", "rebuild_info", "RESUME_MUST_MATCH",
+       "restore_training_state", "Place"}
 
 
 def top_level_definitions(path):
@@ -97,7 +97,7 @@ def test_carried_copies_are_byte_identical_wherever_they_are_carried():
     assert own_seen == OWN  # (a name that left a script must leave OWN too)
     lrfind_carries = {"epoch_order", "batch_randomness", "augment", "draw_augmentation", "crop_photo", "flip_jitter_pil",
                       "sample_crop", "Draws", "pil_to_chw"}
-    assert lrfind_carries <= carried and {"EMA", "StopFlag", "Progress", "Place", "Metrics", "draw_curves", "UserError",
+    assert lrfind_carries <= carried and {"EMA", "StopFlag", "Progress", "Metrics", "draw_curves", "UserError",
                                           "pick_device", "pick_amp", "training_state", "diverged"} <= carried, carried
 
 
@@ -111,11 +111,11 @@ def _first_line_of(path, name):
 @pytest.mark.parametrize("script,loop", [("imagenet_ddp.py", "train_one_epoch"), ("cifar.py", "train_one_epoch")])
 def test_each_trainer_reads_as_its_story(script, loop):
     """The command line, main and the epoch loop first (within the file's first ~350 lines, docstring included);
-    the operations (signals, workers, GPU decoding, metrics, benchmarks) after the training story, under one heading."""
+    the operations (signals, workers, metrics) after the training story, under one heading."""
     text = open(os.path.join(HERE, script)).read()
     assert _first_line_of(script, "main") < _first_line_of(script, loop) < 350
     operations = text.index("# Operations: the machinery around the training story")
-    for helper in ("StopFlag", "Metrics", "pick_device", "benchmark"):
+    for helper in ("StopFlag", "Metrics", "pick_device"):
         assert text.index(f"\n{'class' if helper[0].isupper() else 'def'} {helper}") > operations, helper
 
 

@@ -1,5 +1,7 @@
 """Tests of trainers."""
+import argparse
 import copy
+import itertools
 import json
 import os
 
@@ -150,7 +152,7 @@ def _all_average_worker(rank, world, port, result):
 
 def test_bn_statistics_are_averaged_over_the_ranks():
     """BN's running statistics at an epoch's end are the ranks' average (DDP keeps each rank's own between broadcasts),
-    the counter untouched: what end_of_epoch() applies to the live and the EMA network before evaluating and saving."""
+    the counter untouched: what epoch_row() applies to the live and the EMA network before evaluating."""
     import torch.multiprocessing as tmp
     ctx = tmp.get_context("fork")
     result = ctx.Manager().dict()
@@ -197,7 +199,7 @@ def test_mixed_precision_halves_the_activation_memory(module):
                 if module is cifar:
                     cifar.train_step(run, M.normalize(x_u8, (0.5,) * 3, (0.25,) * 3, True), y, 1.0)
                 else:
-                    imagenet_ddp.train_step(run, imagenet_ddp.FixedBatch((x_u8, y)), None, imagenet_ddp.EpochSums(run))
+                    imagenet_ddp.train_step(run, itertools.repeat((x_u8, y)), None, imagenet_ddp.EpochSums(run.place.device))
             saved.append(total[0])
         per_image[amp] = (saved[1] - saved[0]) / 8
     assert per_image["bf16"] < 0.65 * per_image["off"], per_image
@@ -251,8 +253,8 @@ def test_label_smoothing_is_applied_once_also_to_the_mixed_label(module):
         else:
             args = imagenet_ddp.get_args(["--amp", "off", "--arch", "resnet18", "--batch-size", "6", "--label-smoothing", "0.2"])
             run = build_run(imagenet_ddp, args, 3, 20)
-            before, sums = copy.deepcopy(run.model), imagenet_ddp.EpochSums(run)
-            imagenet_ddp.train_step(run, imagenet_ddp.FixedBatch((x_u8, y)), mix, sums)
+            before, sums = copy.deepcopy(run.model), imagenet_ddp.EpochSums(run.place.device)
+            imagenet_ddp.train_step(run, itertools.repeat((x_u8, y)), mix, sums)
             with torch.no_grad():  # (train mode, as in the step: the same batch statistics, the same logits)
                 logits = before(imagenet_ddp.mix_batch(M.normalize(x_u8, M.IMAGENET_MEAN, M.IMAGENET_STD, True), mix)[0])
             loss = sums.local_loss.item() / 6
@@ -329,3 +331,32 @@ def test_compile_modes_that_capture_cuda_graphs_are_prepared_for_or_refused(monk
     with pytest.raises(imagenet_ddp.UserError, match="invalid choice"):
         imagenet_ddp.get_args(["--compile", "max-autotune"])
     assert imagenet_ddp.get_args(["--compile", "max-autotune-no-cudagraphs"]).compile == "max-autotune-no-cudagraphs"
+
+
+class FrozenArgs(argparse.Namespace):
+    """get_args' namespace, read-only once get_args has returned it."""
+
+    def __setattr__(self, name, value):
+        raise AssertionError(f"args.{name} written after get_args returned")
+
+
+def test_nothing_writes_args_after_get_args(tmp_path, monkeypatch, inet_data):
+    """State flows one way: each trainer's args are read-only once parsed (a decision, such as the --grad-accum a resume
+    derives or the --resume auto a torchrun restart implies, is returned, not written back). Both trainers run a
+    fresh start, a resume and, for imagenet_ddp.py, a torchrun restart, --global-batch and --evaluate, with args frozen."""
+    for module in (cifar, imagenet_ddp):
+        def frozen(argv=None, parse=module.get_args):
+            args = FrozenArgs()
+            args.__dict__.update(vars(parse(argv)))
+            return args
+        monkeypatch.setattr(module, "get_args", frozen)
+    data = write_tiny_cifar(tmp_path / "c", n_train=64, n_test=16)
+    base = ["--dataset", "cifar10", "--data-dir", str(data), "--epochs", "1", "--out", str(tmp_path / "co"), *CIFAR_FAST]
+    assert cifar.main(base) == 0 and cifar.main(base + ["--resume", "auto"]) == 0
+    base = ["--data", str(inet_data), "--arch", "resnet18", "--image-size", "32", "--epochs", "1", "--batch-size", "4",
+            "--workers", "1", "--out", str(tmp_path / "io")]
+    assert imagenet_ddp.main(base + ["--global-batch", "8"]) == 0
+    assert imagenet_ddp.main(base + ["--resume", "auto"]) == 0  # (the checkpoint's global batch: --grad-accum 2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert imagenet_ddp.main(base) == 0  # (--resume auto, implied)
+    assert imagenet_ddp.main(base + ["--evaluate", "--resume", "auto"]) == 0
