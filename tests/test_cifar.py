@@ -413,8 +413,10 @@ def test_cifar_evaluation_modes_against_a_direct_computation(tmp_path):
         loss = -torch.log_softmax(logits, 1)[torch.arange(20), data.y_te].mean().item()
         top5 = sum(int(y in p.argsort(descending=True)[:5]) for p, y in zip(probs, data.y_te))
         percent = lambda p: 100.0 * (p.argmax(1) == data.y_te).sum().item() / 20
-        return dict(loss=loss, top1=percent(probs), top5=100.0 * top5 / 20, tta=percent(both))
+        tta_loss = -torch.log(both[torch.arange(20), data.y_te]).mean().item()
+        return dict(loss=loss, top1=percent(probs), top5=100.0 * top5 / 20, tta=percent(both), tta_loss=tta_loss)
     ema, raw = direct(run.ema.module), direct(run.model)
     assert row["val_loss"] == pytest.approx(ema["loss"], rel=1e-4) and abs(ema["loss"] - raw["loss"]) > 1e-3
     assert (row["val_top1"], row["val_top5"], row["val_top1_tta"]) == (ema["top1"], ema["top5"], ema["tta"])
     assert row["val_top1_raw"] == raw["top1"]
+    assert cifar.evaluate(run, run.ema.module, data, tta=True)[0] == pytest.approx(ema["tta_loss"], rel=1e-4)
