@@ -29,7 +29,7 @@ def doc_commands(text, bench=False):
             pending = line[:-1] + " "
             continue
         if line.startswith(("python ", "torchrun ")) and not line.startswith(("python -m pytest",) + ((not bench) * ("python bench/",))):
-            out.append(line.split(" # ")[0].split("  #")[0].strip())
+            out.append(" ".join(line.split(" # ")[0].split("  #")[0].split()))  # (continuations leave double spaces)
     return out
 
 
