@@ -31,6 +31,7 @@ Exactness, by construction:
 - Validation gives each image to exactly one rank (no padding, unlike DistributedSampler) and sums counts.
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -213,6 +214,8 @@ def main(argv=None):
         print(f"imagenet_ddp.py: error: {msg}", file=sys.stderr, flush=True)
         return 2
 
+    atexit.unregister(kill_workers_left_at_exit)  # (registered once, however often main() runs in a process, and
+    atexit.register(kill_workers_left_at_exit)  # after torch's import: it runs before multiprocessing's exit handler)
     args = error = None
     try:
         args = get_args(argv)
@@ -243,7 +246,6 @@ def main(argv=None):
             fail(e)
         return code
     finally:
-        kill_workers_left_at_exit()
         if dist.is_initialized():
             gc.collect()  # the run's objects caught in reference cycles (matplotlib's) still hold the process group
             dist.destroy_process_group()  # gloo's threads end here, not in the interpreter's exit (see the imports)
@@ -1377,8 +1379,9 @@ def exit_with(pid):
 
 def kill_workers_left_at_exit():
     """Workers ignore SIGTERM, so multiprocessing's exit handler (terminate(), then join()) would wait forever for
-    any an error left running (a loader held by the traceback of an exception main() does not catch): main() kills
-    them first, however it ends."""
+    any an error left running (a loader held by the traceback of an exception main() does not catch): kill them
+    first, at the interpreter's exit (main() registers this; not at import, and not at main()'s end, where another
+    caller's workers in the same process may still be at work)."""
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()

@@ -40,7 +40,7 @@ MUTATIONS = [
     ("the process group destroyed while reference cycles still hold it", "imagenet_ddp.py",
      "            gc.collect()  # the run's", "            pass  # the run's",
      "test_ddp_ranks_end_their_process_group_before_the_interpreter_exits"),
-    ("loader workers left at exit are killed", "imagenet_ddp.py", "        kill_workers_left_at_exit()\n", "        pass\n",
+    ("loader workers left at exit are killed", "imagenet_ddp.py", "    atexit.register(kill_workers_left_at_exit)", "    pass",
      "test_a_loader_left_running_does_not_hang_the_exit"),
     # The founding article's pitfalls, put back one at a time (README: Tests)
     ("pitfall 1: imagenet_ddp.py's epoch order ignores the epoch", "imagenet_ddp.py",
