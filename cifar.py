@@ -20,9 +20,7 @@ augmentations the uninterrupted run would have seen. The loop never waits for th
 draws go to the device in one copy, and losses are summed there and read only at log lines.
 """
 import argparse
-import copy
 import dataclasses
-import io
 import json
 import math
 import os
@@ -68,9 +66,7 @@ class Diverged(Exception):
     """The training loss is not finite: the run stops with EXIT_DIVERGED and writes nothing from then on."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------------
+# ---- The command line -----------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise UserError(message)
@@ -159,9 +155,7 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# main: check and load the inputs, then train
-# ---------------------------------------------------------------------------------------------------
+# ---- main: check and load the inputs, then train --------------------------------------------------------------------
 def main(argv=None):
     try:
         args = get_args(argv)
@@ -199,8 +193,7 @@ def train(args, resume, data, place):
         start_epoch, start_step = resume["epoch"], resume["step"]
         best, carry = resume["best_top1"], resume["epoch_sums"]
         print(f"resumed from {resume['path']} at epoch {start_epoch + 1} step {start_step}", flush=True)
-    metrics = Metrics(args.out, start_epoch if resume is not None else 0, args.tensorboard)
-    progress = Progress(steps_per_epoch, args.epochs, start_epoch, start_step)
+    metrics = M.Metrics(args.out, start_epoch if resume is not None else 0, args.tensorboard)
     info = rebuild_info(args, data)
     save_last = lambda epoch, step, sums: M.save_checkpoint(
         os.path.join(args.out, "last.pt"), **training_state(run), epoch=epoch, step=step, best_top1=best,
@@ -209,8 +202,7 @@ def train(args, resume, data, place):
     with StopFlag() as stop:
         for epoch in range(start_epoch, args.epochs):
             sums = EpochSums(run.place.device, carry if epoch == start_epoch else None)
-            progress.epoch_begins(sums)
-            stopped = train_one_epoch(run, data, epoch, start_step if epoch == start_epoch else 0, stop, sums, progress)
+            stopped = train_one_epoch(run, data, epoch, start_step if epoch == start_epoch else 0, stop, sums)
             if stopped is not None:
                 save_last(epoch, stopped, finite_sums(run, sums, epoch, stopped))
                 print(stop.farewell(args.out, f"at epoch {epoch + 1} step {stopped}"), flush=True)
@@ -244,31 +236,8 @@ def to_device(run, data, steps_per_epoch):
               f"the LR peaks at {peak_lr(args, total):.3g}, not --lr {args.lr:g}", flush=True)
 
 
-class Progress:
-    """The clock of the log lines, from this session's own steps (a resumed run's first part may have run on other
-    hardware): img/s over the images of the current epoch since this session met it, and the time left."""
-
-    def __init__(self, steps_per_epoch, epochs, start_epoch, start_step):
-        self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
-        self.done0, self.t0 = start_epoch * steps_per_epoch + start_step, time.time()
-        self.seen0 = self.time0 = 0
-
-    def epoch_begins(self, sums):
-        """sums: the epoch's EpochSums, holding what a resumed epoch had already seen and taken."""
-        self.seen0, self.time0 = sums.seen, sums.time_before
-
-    def rate(self, state):
-        return (state["seen"] - self.seen0) / max(state["time"] - self.time0, 1e-9)
-
-    def eta(self, epoch, done):
-        so_far = epoch * self.steps + done
-        return (time.time() - self.t0) / max(so_far - self.done0, 1) * (self.total - so_far)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The epoch loop and the step
-# ---------------------------------------------------------------------------------------------------
-def train_one_epoch(run, data, epoch, first, stop, sums, progress):
+# ---- The epoch loop and the step ------------------------------------------------------------------------------------
+def train_one_epoch(run, data, epoch, first, stop, sums):
     """Steps first.. of one epoch. Returns None at the epoch's end, or the step it stopped after on a signal."""
     args = run.args
     run.model.train()
@@ -283,9 +252,11 @@ def train_one_epoch(run, data, epoch, first, stop, sums, progress):
         sums.add(loss, logits, y)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             s = finite_sums(run, sums, epoch, step + 1)  # the one place a step waits for the device
+            # img/s and the ETA from this epoch's steps in this session (a resume may run on other hardware)
+            took, left = max(time.time() - sums.t0, 1e-9), (args.epochs - epoch) * steps - step - 1
             print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {s['loss'] / s['seen']:.4f} "
-                  f"lr {run.sched.get_last_lr()[0]:.5f} img/s {progress.rate(s):.1f} "
-                  f"eta {fmt_time(progress.eta(epoch, step + 1))}", flush=True)
+                  f"lr {run.sched.get_last_lr()[0]:.5f} img/s {(s['seen'] - sums.seen0) / took:.1f} "
+                  f"eta {fmt_time(took / (step + 1 - first) * left)}", flush=True)
         if stop and step + 1 < steps:
             return step + 1
     return None
@@ -318,7 +289,8 @@ class EpochSums:
         carry = carry or {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
         self.loss = torch.tensor(float(carry["loss"]), dtype=torch.float64, device=device)
         self.correct = torch.tensor(int(carry["correct"]), dtype=torch.int64, device=device)
-        self.seen, self.time_before, self.t0 = int(carry["seen"]), float(carry["time"]), time.time()
+        self.seen = self.seen0 = int(carry["seen"])
+        self.time_before, self.t0 = float(carry["time"]), time.time()
 
     def add(self, loss, logits, y):
         self.loss += loss.double() * len(y)
@@ -350,9 +322,7 @@ def diverged(run, epoch, step):
                     f"--lr (lrfind.py suggests one){hint.get(amp, '')}")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Evaluation after each epoch
-# ---------------------------------------------------------------------------------------------------
+# ---- Evaluation after each epoch ------------------------------------------------------------------------------------
 def epoch_report(run, data, epoch, sums):
     """Evaluate after an epoch; returns the metrics.jsonl row (and prints it as one line)."""
     args, s, t_eval = run.args, sums.state(), time.time()
@@ -395,9 +365,7 @@ def evaluate(run, net, data, tta=False, batch_size=500):
     return loss / n, 100.0 * top1 / n, 100.0 * top5 / n
 
 
-# ---------------------------------------------------------------------------------------------------
-# The run's pieces: network, optimizer, schedule, loss scaler and EMA, built once
-# ---------------------------------------------------------------------------------------------------
+# ---- The run's pieces: network, optimizer, schedule, loss scaler and EMA, built once --------------------------------
 @dataclasses.dataclass
 class Run:
     args: argparse.Namespace
@@ -421,7 +389,7 @@ def build_run(args, num_classes, total_steps, place):
     opt = torch.optim.SGD(param_groups(model, args.wd), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
     sched = build_schedule(opt, args, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = EMA(model, args.ema) if args.ema > 0 else None
+    ema = M.EMA(model, args.ema) if args.ema > 0 else None
     fwd = torch.compile(model, mode=args.compile) if args.compile else model
     return Run(args, model, fwd, opt, sched, scaler, ema, place)
 
@@ -458,36 +426,7 @@ def param_groups(model, wd):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class EMA:
-    """Exponential moving average of the weights and BN statistics (Polyak averaging). Evaluating the average rather
-    than the last iterate smooths out SGD noise (typically +0.3-1% top-1 on short schedules); the decay ramps up as
-    (1+n)/(10+n), so early averages are not dominated by the random init. One foreach kernel per tensor group, not
-    one per tensor."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
-        pairs = list(zip(self.module.buffers(), model.buffers()))
-        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)
-        for e, m in pairs:
-            if not e.dtype.is_floating_point:  # BN's num_batches_tracked
-                e.copy_(m)
-
-    def state_dict(self):
-        return self.module.state_dict()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Batch augmentation on the device, a function of (seed, epoch, step)
-# ---------------------------------------------------------------------------------------------------
+# ---- Batch augmentation on the device, a function of (seed, epoch, step) --------------------------------------------
 def training_batch(args, data, order, draws, step):
     """Batch `step` of an epoch: its images from the epoch's order, augmented and mixed. Returns (x, y, lam)."""
     idx = order[step * args.batch_size:(step + 1) * args.batch_size]
@@ -577,9 +516,7 @@ def mix_batch(x, mix):
     return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted, after clipping
 
 
-# ---------------------------------------------------------------------------------------------------
-# Data: load once into uint8 tensors [N, 3, 32, 32]
-# ---------------------------------------------------------------------------------------------------
+# ---- Data: load once into uint8 tensors [N, 3, 32, 32] --------------------------------------------------------------
 @dataclasses.dataclass
 class Data:
     x_tr: torch.Tensor  # uint8 [N, 3, 32, 32]
@@ -640,28 +577,19 @@ def _read_cifar_batches(folder, names, label_key):
 
 def load_folder(data_dir, workers):
     from concurrent.futures import ThreadPoolExecutor
-    test_dir = os.path.join(data_dir, "test")
-    if not os.path.isdir(test_dir):
-        test_dir = os.path.join(data_dir, "val")
-    if not os.path.isdir(os.path.join(data_dir, "train")) or not os.path.isdir(test_dir):
-        raise UserError(f"{data_dir} must hold train/<class>/* and test/<class>/* (or val/)")
     try:
-        classes, train = M.list_image_folder(os.path.join(data_dir, "train"))
-        test_classes, test = M.list_image_folder(test_dir)
+        folders = M.list_train_val(data_dir, ("test", "val"))
     except M.FolderError as e:
         raise UserError(str(e)) from None
-    if test_classes != classes:
-        diff = sorted(set(classes) ^ set(test_classes))
-        raise UserError(f"train/ and {os.path.basename(test_dir)}/ have different classes (e.g. {', '.join(diff[:3])})")
     out = []
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        for samples in (train, test):
+        for samples in (folders["train"], folders["val"]):
             x = np.stack(list(pool.map(decode_32, [p for p, _ in samples], chunksize=256)))
             out += [torch.from_numpy(x), torch.tensor([l for _, l in samples], dtype=torch.int64)]
     x_tr = out[0].float().div_(255)
     mean = tuple(round(v, 4) for v in x_tr.mean(dim=(0, 2, 3)).tolist())
     std = tuple(round(v, 4) for v in x_tr.std(dim=(0, 2, 3)).tolist())
-    return Data(*out, classes, mean, std)
+    return Data(*out, folders["classes"], mean, std)
 
 
 def decode_32(path):
@@ -673,9 +601,7 @@ def decode_32(path):
         raise UserError(str(e)) from None
 
 
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: what rebuilds the model (model.py's format) plus what resumes the run
-# ---------------------------------------------------------------------------------------------------
+# ---- Checkpoints: what rebuilds the model (model.py's format) plus what resumes the run -----------------------------
 def rebuild_info(args, data):
     return dict(arch=args.arch, num_classes=len(data.classes), stem="cifar", classes=list(data.classes),
                 class_names=M.readable_class_names(data.classes), mean=list(data.mean), std=list(data.std),
@@ -753,15 +679,8 @@ def restore_training_state(ckpt, run, log):
         torch.cuda.set_rng_state(ckpt["rng_cuda"], run.place.device)
 
 
-# ===================================================================================================
-# Operations: the machinery around the training story
-# (device and precision, stopping, metrics and curves)
-# ===================================================================================================
-
-
-# ---------------------------------------------------------------------------------------------------
-# Device and precision
-# ---------------------------------------------------------------------------------------------------
+# ==== Operations: the machinery around the training story ============================================================
+# ---- Device and precision -------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Place:
     """Where this run trains: its device and autocast precision."""
@@ -796,19 +715,21 @@ def amp_name(dtype):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def fmt_time(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Stopping: a signal sets a flag, the loop saves last.pt and exits 128 + the signal
-# ---------------------------------------------------------------------------------------------------
+# ---- Stopping: a signal sets a flag, the loop saves last.pt and exits 128 + the signal ------------------------------
 class StopFlag:
-    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step (under DDP, all ranks agree on the step),
-    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank
-    after the whole process group got it; SLURM and Kubernetes signal the group): repeats only confirm the request,
-    and the launcher's own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without torchrun, a
-    second Ctrl-C kills at once."""
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step, saves last.pt and exits with 128+signal.
+    Launchers repeat the signal (torchrun's agent re-sends it to every rank; SLURM and Kubernetes signal the group):
+    repeats only confirm the request, and the launcher's SIGKILL after its grace period (torchrun: 30 s) is the hard
+    stop. Run without torchrun, a second Ctrl-C kills at once."""
 
     def __init__(self):
         self.signum, self.previous = None, {}
@@ -836,91 +757,6 @@ class StopFlag:
         return (f"stopped by {sig.name} {where}; saved {out}/last.pt. The exit code {128 + sig} (128 + {sig.name}) is "
                 f"on purpose, so a scheduler sees the job as unfinished (torchrun reports it as ChildFailedError); "
                 f"continue with the same command plus --resume auto")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Metrics and curves
-# ---------------------------------------------------------------------------------------------------
-class Metrics:
-    """OUT/metrics.jsonl (one JSON object per epoch), OUT/curves.png (with matplotlib) and, optionally,
-    TensorBoard scalars. A resumed run keeps the rows of the epochs it will not redo and redraws them all."""
-
-    def __init__(self, out, keep_until_epoch, tensorboard):
-        self.out, self.path = out, os.path.join(out, "metrics.jsonl")
-        self.rows = []
-        if keep_until_epoch > 0 and os.path.exists(self.path):  # drop epochs the resumed run will redo
-            with open(self.path) as f:
-                self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
-        self.save()
-        self.tb = open_tensorboard(tensorboard, out)
-        try:
-            import matplotlib  # noqa: F401 (the curves need it, the run does not)
-            self.curves = os.path.join(out, "curves.png")
-        except ImportError:
-            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
-            self.curves = None
-
-    def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
-        M.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
-
-    def write(self, row):
-        self.rows.append(row)
-        self.save()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, row["epoch"])
-            self.tb.flush()
-        if self.curves:
-            draw_curves(self.rows, self.curves)
-
-
-def open_tensorboard(enabled, out):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed (pip install tensorboard): --tensorboard ignored", flush=True)
-        return None
-    return SummaryWriter(out)
-
-
-def draw_curves(rows, path):
-    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ep = [r["epoch"] for r in rows]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (augmented)")
-    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
-    a.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
-    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "top-5")):
-        if all(key in r for r in rows):
-            b.plot(ep, [r[key] for r in rows], "o-", label=label)
-    b.set(title="accuracy", xlabel="epoch", ylabel="%")
-    c.plot(ep, [r["lr"] for r in rows], "o-", color="C3")
-    log = any(r["lr"] > 0 for r in rows)  # (a one-epoch run's only LR is the schedule's final 0)
-    c.set(title="learning rate (at the epoch's end)", xlabel="epoch", ylabel="lr", yscale="log" if log else "linear")
-    for ax in (a, b):
-        ax.legend()
-    for ax in (a, b, c):
-        ax.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=90, format="png")
-    plt.close(fig)
-    try:  # a picture, redrawn every epoch from metrics.jsonl: losing one is no reason to end a run
-        M.atomic_write(path, png.getbuffer())
-    except M.WriteError as e:
-        print(f"{e}; the run goes on (the next checkpoint or metrics.jsonl write that fails ends it)", flush=True)
-
-
-def fmt_time(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 if __name__ == "__main__":

@@ -19,26 +19,16 @@ Resume after preemption (continues at the exact step), or evaluate a checkpoint:
     torchrun --nproc_per_node=8 imagenet_ddp.py --data /data/imagenet --evaluate \\
         --checkpoint runs/imagenet-resnet50/best.pt
 
-Exactness, by construction:
-- Each epoch has one global order, a permutation derived from (seed, epoch). Global batch b is
-  order[b*G:(b+1)*G] (G = batch size x processes x grad-accum) and rank r takes its r-th share. A resumed
-  run skips the consumed batches without loading them, and the split does not depend on the world size:
-  a run started on 2 processes resumes on 1 with --grad-accum 2 (same global batch, same batches).
-- Every random choice of an image's augmentation comes from (seed, epoch, image index), so it does not
-  depend on workers, ranks or where the run stopped.
-- The training size of an epoch is a function of the epoch (progressive resizing), so a resume across a
-  resolution change replays the same sizes.
-- Validation gives each image to exactly one rank (no padding, unlike DistributedSampler) and sums counts.
+Exact resume, on any number of processes: the order, batches, crops, flips, jitter and sizes are functions of (seed,
+epoch, step or index), never of workers, ranks or where a run stopped (README: Resume).
 """
 import argparse
 import atexit
 import contextlib
-import copy
 import dataclasses
 import datetime
 import functools
 import gc
-import io
 import json
 import math
 import multiprocessing
@@ -58,10 +48,9 @@ import torch.nn.functional as F
 
 import model as M
 
-# torch.distributed.nn's functions take `group=group.WORLD` as a default argument, evaluated at their import. DDP
-# imports them at its first construction, when WORLD is the live process group: ten references that outlive
-# destroy_process_group(), so gloo's threads ran on into interpreter exit, where a rank that had finished its work
-# could die with "terminate called without an active exception" (SIGABRT). Imported here, they hold None.
+# torch.distributed.nn's functions take `group=group.WORLD` as a default, evaluated at import. Imported by DDP, they
+# would hold the live process group past destroy_process_group(), and gloo's threads would run into interpreter exit,
+# where a rank could die with "terminate called without an active exception" (SIGABRT). Imported here, they hold None.
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # schedulers and torchrun, Ctrl-C, SLURM's USR1@N
 EXIT_DIVERGED = 3  # (2: bad input; 128 + N: stopped by signal N)
@@ -90,9 +79,7 @@ EXITS = {DataError: (2, "rank 0"), UserError: (2, "each"), Diverged: (EXIT_DIVER
          M.WriteError: (EXIT_WRITE_FAILED, "each")}
 
 
-# ---------------------------------------------------------------------------------------------------
-# The command line
-# ---------------------------------------------------------------------------------------------------
+# ---- The command line -----------------------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error
         raise UserError(message)
@@ -130,8 +117,7 @@ def build_parser():
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1; on "
                    "resume, what keeps the checkpoint's global batch)")
     g.add_argument("--global-batch", type=int, default=None, metavar="N", help="images per optimizer step over all "
-                   "processes: --grad-accum = N / (batch-size x processes), so one command keeps the batch (and the "
-                   "LR) on any number of GPUs, as elastic jobs need")
+                   "processes: --grad-accum = N / (batch-size x processes), one batch and LR on any number of GPUs")
     g.add_argument("--lr", type=float, default=0.1, help="peak LR per 256 images, scaled by the global batch")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
@@ -147,10 +133,8 @@ def build_parser():
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training device")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
-    g.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=["default", "max-autotune-no-cudagraphs"],
-                   help="torch.compile the DDP-wrapped model, so the gradient all-reduce still overlaps the backward "
-                        "pass (no CUDA graphs: max-autotune's break under DDP, pytorch/pytorch#140395)")
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the DDP-wrapped model (no CUDA graphs: they break under DDP, pytorch#140395)")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
     g.add_argument("--evaluate", action="store_true", help="only evaluate --checkpoint (or --resume) and print JSON")
     g = p.add_argument_group("output")
@@ -206,14 +190,11 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------------
-# main: every rank checks the inputs, they vote, then train (or evaluate)
-# ---------------------------------------------------------------------------------------------------
+# ---- main: every rank checks the inputs, they vote, then train (or evaluate) ----------------------------------------
 def main(argv=None):
     def fail(msg):
         print(f"imagenet_ddp.py: error: {msg}", file=sys.stderr, flush=True)
         return 2
-
     atexit.unregister(kill_workers_left_at_exit)  # (registered once, however often main() runs in a process, and
     atexit.register(kill_workers_left_at_exit)  # after torch's import: it runs before multiprocessing's exit handler)
     args = error = None
@@ -225,9 +206,8 @@ def main(argv=None):
         return fail(error)
     try:
         place = setup_distributed(args.device if args else "cpu", args.amp if args else "off")
-        restarts = torchrun_restarts(place.device)
         try:
-            inputs = None if error else check_inputs(args, place, restarts)
+            inputs = None if error else check_inputs(args, place)
         except UserError as e:
             error = e
         # Bad input usually fails on every rank alike: rank 0 says each different error once (eight GPUs, one line),
@@ -264,34 +244,33 @@ class Inputs:
 
 def fit(args, inputs, place):
     run, loop = start(args, inputs, place)
-    kept = loop.start_epoch if inputs.resume is not None else 0  # (the epochs of metrics.jsonl a resume keeps)
-    metrics = Metrics(args.out, kept, args.tensorboard) if place.rank == 0 else None
+    best = inputs.resume["best_top1"] if inputs.resume else -1.0
+    metrics = M.Metrics(args.out, loop.start_epoch, args.tensorboard) if place.rank == 0 else None
     summary = {}
     with loop.stop as stop:
         for epoch in range(loop.start_epoch, args.epochs):
             resumed_epoch = epoch == loop.start_epoch
             sums = EpochSums(place.device, loop.carry if resumed_epoch else None)
-            loop.progress.epoch_begins(sums)
-            stopped = train_one_epoch(run, loop, epoch, loop.start_step if resumed_epoch else 0, sums)
-            if stopped is not None:
+            end = train_one_epoch(run, loop, epoch, loop.start_step if resumed_epoch else 0, sums, best)
+            if end["stopped_at"] is not None:
                 if place.rank == 0:
-                    print(stop.farewell(args.out, f"at epoch {epoch + 1} step {stopped}"), flush=True)
+                    print(stop.farewell(args.out, f"at epoch {epoch + 1} step {end['stopped_at']}"), flush=True)
                 return 128 + (stop.signum or signal.SIGTERM)
-            row = epoch_row(run, loop, epoch, meet(run, loop, sums, epoch, loop.sampler.steps))
-            if row["val_top1"] > loop.best:
-                loop.best = row["val_top1"]
+            row = epoch_row(run, loop, epoch, end["sums"])
+            if row["val_top1"] > best:
+                best = row["val_top1"]
                 if place.rank == 0:
                     M.save_checkpoint(os.path.join(args.out, "best.pt"), model=run.model.state_dict(), epoch=epoch + 1,
-                                      ema=run.ema.state_dict() if run.ema else None, val_top1=loop.best,
+                                      ema=run.ema.state_dict() if run.ema else None, val_top1=best,
                                       **rebuild_info(args, loop.classes))
-            save_last(run, loop, epoch + 1, 0, {})
+            save_last(run, loop, epoch + 1, 0, {}, best)
             if place.rank == 0:
                 metrics.write(row)
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {row['train_loss']:.4f} "
                       f"val_top1 {row['val_top1']:.2f} val_top5 {row['val_top5']:.2f} val_images {row['val_images']} "
                       f"img/s {row['train_img_per_s']:.1f} data-wait {row['data_wait_pct']:.1f}% "
                       f"time {fmt_time(row['time_s'])}", flush=True)
-            summary = dict(row, best_val_top1=loop.best)
+            summary = dict(row, best_val_top1=best)
             if all_sum([1.0 if stop else 0.0], place.device)[0] > 0 and epoch + 1 < args.epochs:
                 if place.rank == 0:
                     print(stop.farewell(args.out, f"after epoch {epoch + 1}"), flush=True)
@@ -321,56 +300,62 @@ def start(args, inputs, place):
         f"(resize {args.val_resize}), {args.workers} workers")
     if args.warmup_note:
         log(args.warmup_note)
-    resume = inputs.resume or {"epoch": 0, "step": 0, "best_top1": -1.0, "epoch_sums": None}
+    resume = inputs.resume or {"epoch": 0, "step": 0, "epoch_sums": None}
     if inputs.resume is not None:
         restore_training_state(resume, run, log)
         log(f"resumed from {resume['path']} at epoch {resume['epoch'] + 1} step {resume['step']}")
     loop = Loop(sampler=sampler, train_set=train_set, context=context, val_samples=inputs.val_samples,
                 loader=make_loader(train_set, args.workers, place.device, context, batch_sampler=sampler),
                 classes=inputs.classes, stream=torch.cuda.Stream(place.device) if place.device.type == "cuda" else None,
-                start_epoch=resume["epoch"], start_step=resume["step"], carry=resume["epoch_sums"],
-                best=resume["best_top1"], stop=StopFlag(), said_broken=set(),
-                progress=Progress(sampler.steps, args.epochs, resume["epoch"], resume["step"]))
+                start_epoch=resume["epoch"], start_step=resume["step"], carry=resume["epoch_sums"], stop=StopFlag(),
+                said_broken=set())
     return run, loop
 
 
-# ---------------------------------------------------------------------------------------------------
-# The epoch loop and the step
-# ---------------------------------------------------------------------------------------------------
-def train_one_epoch(run, loop, epoch, start_step, sums):
-    """Runs until the epoch ends (returns None) or the ranks agree to stop (returns the step they stopped after). The
-    ranks meet at each step's stop vote, and in meet() at log lines and saves."""
+# ---- The epoch loop and the step ------------------------------------------------------------------------------------
+def train_one_epoch(run, loop, epoch, start_step, sums, best):
+    """Runs until the epoch ends or the ranks agree to stop; returns the step they stopped after (None: the end) and
+    the last sums over all ranks. The ranks meet at each step's stop vote, and in meet() at log lines and saves."""
     args, steps = run.args, loop.sampler.steps
     run.ddp.train()
     loop.sampler.set_epoch(epoch, start_step)
-    batches = DeviceBatches(loop.loader, run.place.device, loop.stream, sums)
+    batches = device_batches(loop.loader, run.place.device, loop.stream, sums)
     vote = StopVote(run.place.device)
     try:
         for step in range(start_step, steps):
             train_step(run, batches, step_mix(args, epoch, step, train_size_at(args, epoch)), sums)
-            stop_now = vote.cast(bool(loop.stop))
-            done = step + 1
+            stop_now, done = vote.cast(bool(loop.stop)), step + 1
             if done % args.log_every == 0 or done == steps:
-                log_progress(run, loop, epoch, done, meet(run, loop, sums, epoch, done))
+                s = meet(run, loop, sums, epoch, done)
+                # img/s and the ETA from this epoch's steps in this session (a resume may run on other hardware)
+                took, left = max(time.time() - sums.t0, 1e-9), (args.epochs - epoch) * steps - done
+                rate, eta = (s["seen"] - sums.seen0) / took, took / (done - start_step) * left
+                if run.place.rank == 0:
+                    print(f"epoch {epoch + 1}/{args.epochs} step {done}/{steps} "
+                          f"loss {s['loss'] / max(s['seen'], 1):.4f} lr {run.sched.get_last_lr()[0]:.5f} "
+                          f"img/s {rate:.1f} data-wait {100 * s['wait'] / max(s['time'], 1e-9):.1f}% "
+                          f"eta {fmt_time(eta)}", flush=True)
             if stop_now and done < steps:
-                save_last(run, loop, epoch, done, meet(run, loop, sums, epoch, done))
-                return done
+                save_last(run, loop, epoch, done, meet(run, loop, sums, epoch, done), best)
+                return {"stopped_at": done, "sums": None}
             if args.save_every and done % args.save_every == 0 and done < steps:
-                save_last(run, loop, epoch, done, meet(run, loop, sums, epoch, done))
-        return None
+                save_last(run, loop, epoch, done, meet(run, loop, sums, epoch, done), best)
+        return {"stopped_at": None, "sums": s}
     finally:
         vote.settle()
         batches.close()
+
+
 def train_step(run, batches, mix, sums):
     """One optimizer step over --grad-accum micro-batches; DDP all-reduces the gradients once, on the last."""
-    args = run.args
+    args, amp = run.args, run.place.amp_dtype
     run.opt.zero_grad(set_to_none=True)
     for m in range(run.accum):
         x_u8, y = next(batches)
         x, lam = mix_batch(M.normalize(x_u8, M.IMAGENET_MEAN, M.IMAGENET_STD, args.channels_last), mix)
         sync = m == run.accum - 1 or run.place.world == 1
         with run.ddp.no_sync() if not sync else contextlib.nullcontext():
-            with autocast(run.place.device, run.place.amp_dtype):
+            with torch.autocast(run.place.device.type, dtype=amp, enabled=amp is not None):
                 logits = run.fwd(x)
             logits = logits.float()
             loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
@@ -415,14 +400,14 @@ def mix_batch(x, mix):
 
 class EpochSums:
     """An epoch's running sums on this rank: the loss summed on the device (no step waits for the GPU), images seen over
-    all ranks, and what DeviceBatches records: its data-wait and the broken photos it replaced. Read in meet()."""
+    all ranks, and what device_batches() records: its data-wait and the broken photos it replaced. Read in meet()."""
 
     def __init__(self, device, carry=None):
         carry = carry or {"loss": 0.0, "seen": 0, "time": 0.0, "wait": 0.0, "replaced": []}
         self.carried_loss, self.replaced = float(carry["loss"]), list(carry["replaced"])  # (broken photos: all ranks')
         self.local_loss = torch.zeros((), dtype=torch.float64, device=device)
-        self.seen, self.t0 = int(carry["seen"]), time.time()
-        self.time_before, self.wait_before = carry["time"], carry["wait"]
+        self.seen = self.seen0 = int(carry["seen"])
+        self.t0, self.time_before, self.wait_before = time.time(), carry["time"], carry["wait"]
         self.wait, self.new_replaced = 0.0, []  # this session's data-wait, and the broken photos this rank met
 
     def add(self, loss, n):
@@ -430,12 +415,11 @@ class EpochSums:
 
 
 def meet(run, loop, sums, epoch, step):
-    """Where the ranks meet in an epoch (log lines, saves, its end): the running sums over all ranks, what last.pt
-    carries. Every rank stops here alike, on a non-finite loss (any rank's NaN makes the sum's) or on too many broken
-    photos (say_broken); rank 0 names each new broken photo."""
+    """Where the ranks meet in an epoch (log lines, saves, its end): the sums over all ranks, what last.pt carries. All
+    ranks stop here alike, on a non-finite loss (any rank's NaN makes the sum's) or on too many broken photos."""
     loss = sums.carried_loss + all_sum([sums.local_loss.item()], run.place.device)[0]
     replaced = sorted(set(sums.replaced) | set(gathered(sums.new_replaced, run.place.world)))
-    say_broken(run, loop.train_set, replaced)
+    loop.train_set.note_broken(replaced, run.place.rank)
     if not math.isfinite(loss):
         raise diverged(run, epoch, step)
     return {"loss": loss, "seen": sums.seen, "time": sums.time_before + time.time() - sums.t0,
@@ -453,82 +437,7 @@ def diverged(run, epoch, step):
                     f"--lr (lrfind.py suggests one){hint.get(amp, '')}")
 
 
-def log_progress(run, loop, epoch, done, s):
-    if run.place.rank == 0:
-        print(f"epoch {epoch + 1}/{run.args.epochs} step {done}/{loop.sampler.steps} "
-              f"loss {s['loss'] / max(s['seen'], 1):.4f} lr {run.sched.get_last_lr()[0]:.5f} "
-              f"img/s {loop.progress.rate(s):.1f} data-wait {100 * s['wait'] / max(s['time'], 1e-9):.1f}% "
-              f"eta {fmt_time(loop.progress.eta(epoch, done))}", flush=True)
-
-
-@dataclasses.dataclass
-class Loop:
-    """What the epoch loop carries besides the Run, built once by start(): the data and its loader, where it starts (a
-    resumed run: the step after the checkpoint's, and that epoch's running sums), the stop flag, the clock, the best
-    top-1 so far and the validation photos already named as broken."""
-    sampler: "EpochBatches"
-    train_set: "TrainSet"
-    loader: torch.utils.data.DataLoader
-    context: object  # the loaders' worker start method (worker_start_method())
-    val_samples: list
-    classes: list
-    stream: object  # the CUDA side stream that copies the next batch while this one trains (None on a CPU)
-    start_epoch: int
-    start_step: int
-    carry: dict  # the resumed epoch's running sums (meet()), or None
-    best: float
-    stop: "StopFlag"
-    progress: "Progress"
-    said_broken: set
-
-
-class Progress:
-    """The clock of the log lines, from this session's own steps (a resumed run's first part may have run on other
-    hardware): img/s over the images of the current epoch since this session met it, and the time left."""
-
-    def __init__(self, steps_per_epoch, epochs, start_epoch, start_step):
-        self.steps, self.total = steps_per_epoch, epochs * steps_per_epoch
-        self.done0, self.t0 = start_epoch * steps_per_epoch + start_step, time.time()
-        self.seen0 = self.time0 = 0
-
-    def epoch_begins(self, sums):
-        """sums: the epoch's EpochSums, holding what a resumed epoch had already seen and taken."""
-        self.seen0, self.time0 = sums.seen, sums.time_before
-
-    def rate(self, state):
-        return (state["seen"] - self.seen0) / max(state["time"] - self.time0, 1e-9)
-
-    def eta(self, epoch, done):
-        so_far = epoch * self.steps + done
-        return (time.time() - self.t0) / max(so_far - self.done0, 1) * (self.total - so_far)
-
-
-def say_broken(run, train_set, indices):
-    """Name each broken training photo once (rank 0), and stop the run (every rank: they all hold the same indices)
-    once more than --max-broken-images of them have been met."""
-    for i in sorted(indices):
-        path = train_set.samples[i][0]
-        if path not in train_set.broken and run.place.rank == 0:
-            try:
-                M.open_rgb(path)
-                reason = f"{path}: cannot read image"
-            except M.ImageError as e:
-                reason = str(e)
-            print(f"{reason}; replaced by another training photo drawn from (seed, epoch, index), the same on every "
-                  f"rank and resume ({len(train_set.broken) + 1} broken so far)", flush=True)
-        train_set.broken.add(path)
-    limit = run.args.max_broken_images
-    if limit is None:
-        limit = max(10, len(train_set.samples) // 1000)
-    if len(train_set.broken) > limit:
-        names = ", ".join(sorted(train_set.broken)[:3])
-        raise DataError(f"{len(train_set.broken)} training photos cannot be decoded (more than --max-broken-images "
-                        f"{limit}), among them {names}: check the copy of the data set, or raise the limit")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: every validation photo exactly once over all ranks
-# ---------------------------------------------------------------------------------------------------
+# ---- Evaluation: every validation photo exactly once over all ranks -------------------------------------------------
 def epoch_row(run, loop, epoch, s):
     """The epoch's metrics row: BN statistics (live and EMA) made one across ranks, then the validation figures of the
     EMA weights, if any, else the live ones; s is the epoch's sums from meet()."""
@@ -563,7 +472,7 @@ def evaluate(net, samples, args, place, size, resize, context, said_broken):
         x = M.normalize(x.to(place.device, non_blocking=True), M.IMAGENET_MEAN, M.IMAGENET_STD, args.channels_last)
         y = y.to(place.device, non_blocking=True)
         valid = y >= 0
-        with autocast(place.device, place.amp_dtype):
+        with torch.autocast(place.device.type, dtype=place.amp_dtype, enabled=place.amp_dtype is not None):
             logits = net(x).float()
         pred = logits.topk(min(5, logits.shape[1]), 1).indices  # (label -1 matches no prediction)
         loss = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
@@ -581,9 +490,8 @@ def evaluate(net, samples, args, place, size, resize, context, said_broken):
 def evaluate_checkpoint(args, inputs, place):
     ckpt = inputs.checkpoint
     pre = M.preprocessing(ckpt)
-    net = M.model_from_checkpoint(ckpt, path=ckpt["path"]).to(place.device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = M.model_from_checkpoint(ckpt, path=ckpt["path"])
+    net = net.to(place.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
     context = worker_start_method() if args.workers > 0 else None
     res = evaluate(net, inputs.val_samples, args, place, pre["size"], pre["resize"], context, set())
     if place.rank == 0:
@@ -592,9 +500,7 @@ def evaluate_checkpoint(args, inputs, place):
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------
-# The run's pieces: network, optimizer, schedule, loss scaler, EMA, built once
-# ---------------------------------------------------------------------------------------------------
+# ---- The run's pieces: network, optimizer, schedule, loss scaler, EMA, built once -----------------------------------
 @dataclasses.dataclass
 class Run:
     args: argparse.Namespace
@@ -609,14 +515,38 @@ class Run:
     accum: int  # micro-batches per optimizer step (grad_accum())
 
 
+@dataclasses.dataclass
+class Loop:
+    """What the epoch loop carries besides the Run, built once by start(): the data, where it starts, the stop flag."""
+    sampler: "EpochBatches"
+    train_set: "TrainSet"
+    loader: torch.utils.data.DataLoader
+    context: object  # the loaders' worker start method (worker_start_method())
+    val_samples: list
+    classes: list
+    stream: object  # the CUDA side stream that copies the next batch while this one trains (None on a CPU)
+    start_epoch: int
+    start_step: int
+    carry: dict  # the resumed epoch's running sums (meet()), or None
+    stop: "StopFlag"
+    said_broken: set  # the validation photos already named as broken
+
+
 def build_run(args, num_classes, steps_per_epoch, place, accum=1):
     world, device = place.world, place.device
-    model = build_network(args, num_classes, world, device)
+    torch.manual_seed(args.seed)
+    model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    if args.sync_bn and world > 1:  # per-GPU batches of 32 or less give noisy BN statistics: use the global batch's
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (same parameter names as BatchNorm's)
     peak_lr = args.lr * args.batch_size * world * accum / 256  # linear scaling rule (Goyal et al. 2017)
-    opt = torch.optim.SGD(param_groups(model, args.wd), lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
+    # no weight decay on BN parameters and biases: decaying them only fights normalisation
+    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": args.wd},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
     sched = build_schedule(opt, args, steps_per_epoch, peak_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=place.amp_dtype == torch.float16)
-    ema = EMA(model, args.ema) if args.ema > 0 else None
+    ema = M.EMA(model, args.ema) if args.ema > 0 else None
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -626,30 +556,15 @@ def build_run(args, num_classes, steps_per_epoch, place, accum=1):
     return Run(args, model, ddp, fwd, opt, sched, scaler, ema, place, accum)
 
 
-def build_network(args, num_classes, world, device):
-    """The unwrapped network: seeded init, memory format, and BatchNorm synchronised across processes with --sync-bn
-    (per-GPU batches of 32 or less give noisy batch statistics; SyncBatchNorm computes them over the global batch).
-    SyncBatchNorm keeps BatchNorm's parameter names, so its checkpoints load into a plain model."""
-    torch.manual_seed(args.seed)
-    model = M.build_model(args.arch, num_classes, stem="imagenet", zero_init_residual=args.zero_init_residual)
-    model = model.to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model
-
-
 def build_schedule(opt, args, steps_per_epoch, peak_lr):
     total = args.epochs * steps_per_epoch
     warm = int(args.warmup_epochs * steps_per_epoch)
     if total < 3:
         raise UserError(f"the schedule has only {total} steps: use more --epochs or a smaller batch")
     if args.schedule == "onecycle":  # (warm-up >= 2 steps: OneCycleLR divides by the warm-up length)
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr, total_steps=total + 1,
-                                                   pct_start=max(warm, 2) / (total + 1), div_factor=25.0,
-                                                   final_div_factor=1e4, cycle_momentum=args.momentum > 0,
-                                                   base_momentum=0.85, max_momentum=args.momentum)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=peak_lr, total_steps=total + 1, pct_start=max(warm, 2) / (total + 1), div_factor=25.0,
+            final_div_factor=1e4, cycle_momentum=args.momentum > 0, base_momentum=0.85, max_momentum=args.momentum)
 
     def factor(step):  # linear warm-up from ~0 (Goyal et al. 2017), then half-cosine to 0 (Loshchilov & Hutter 2016)
         if step < warm:
@@ -658,66 +573,10 @@ def build_schedule(opt, args, steps_per_epoch, peak_lr):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def param_groups(model, wd):
-    """No weight decay on BN parameters and biases: decaying them only fights normalisation."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class EMA:
-    """Exponential moving average of the weights and BN statistics (Polyak averaging). Evaluating the average rather
-    than the last iterate smooths out SGD noise (typically +0.3-1% top-1 on short schedules); the decay ramps up as
-    (1+n)/(10+n), so early averages are not dominated by the random init. One foreach kernel per tensor group, not
-    one per tensor."""
-
-    def __init__(self, model, decay):
-        self.decay, self.updates = decay, 0
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
-        pairs = list(zip(self.module.buffers(), model.buffers()))
-        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
-        if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)
-        for e, m in pairs:
-            if not e.dtype.is_floating_point:  # BN's num_batches_tracked
-                e.copy_(m)
-
-    def state_dict(self):
-        return self.module.state_dict()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data: one global order per epoch, each photo's augmentation drawn from (seed, epoch, index)
-# ---------------------------------------------------------------------------------------------------
-def check_data(root):
-    """List train/ and val/ and check they agree. Every rank runs this before any collective, so bad data
-    makes every rank exit at once instead of leaving the others waiting."""
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise UserError(f"{root} has no {split}/ folder (expected {root}/train/<class>/* and {root}/val/<class>/*)")
-    try:
-        classes, train = M.list_image_folder(os.path.join(root, "train"))
-        val_classes, val = M.list_image_folder(os.path.join(root, "val"))
-    except M.FolderError as e:
-        raise UserError(str(e)) from None
-    if val_classes != classes:
-        diff = sorted(set(classes) ^ set(val_classes))
-        raise UserError(f"train/ and val/ have different classes (e.g. {', '.join(diff[:3])})")
-    return classes, train, val
-
-
+# ---- Data: one global order per epoch, each photo's augmentation drawn from (seed, epoch, index) --------------------
 class EpochBatches(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of (epoch, index) for one epoch, starting at a given global batch.
-
-    Global batch b of an epoch is order[b*G:(b+1)*G] with G = batch x world x accum; micro-batch m of rank r
-    is the slice [(m*world + r)*batch : ... + batch] of it. The ragged end of the epoch is dropped.
-    """
+    """This rank's micro-batches of (epoch, index) for one epoch from a given step (the ragged end dropped): global
+    batch b is order[b*G:(b+1)*G], G = batch x world x accum; rank r's micro-batch m starts at (m*world + r)*batch."""
 
     def __init__(self, n, batch, world, rank, accum, seed):
         self.n, self.batch, self.world, self.rank, self.accum, self.seed = n, batch, world, rank, accum, seed
@@ -759,20 +618,36 @@ class TrainSet(torch.utils.data.Dataset):
         index) that can: the same replacement on every rank and after a resume, and a broken file costs the run that
         photo alone (timm's loader skips such files too). `replaced` names the broken photo's index (-1: none)."""
         epoch, index = item
-        rng = M.seeded(self.args.seed, epoch, index, M.Stream.REPLACEMENT)
+        rng, size = M.seeded(self.args.seed, epoch, index, M.Stream.REPLACEMENT), train_size_at(self.args, epoch)
         for source in [index] + rng.integers(0, len(self.samples), self.REPLACEMENT_DRAWS).tolist():
             try:
-                image = self.pixels(epoch, source)
+                image = augmented_photo(self.args, epoch, source, self.samples[source][0], size)
             except M.ImageError:
                 continue
             return {"image": image, "label": self.samples[source][1], "replaced": -1 if source == index else index}
         raise UserError(f"{self.samples[index][0]} cannot be decoded, nor any of the {self.REPLACEMENT_DRAWS} "
                         f"training photos drawn to replace it")
 
-    def pixels(self, epoch, index):
-        """uint8 [3, size, size]: the photo's crop at the epoch's size, flipped and colour-jittered."""
-        size = train_size_at(self.args, epoch)
-        return pil_to_chw(flip_jitter_pil(*crop_photo(self.args, epoch, index, self.samples[index][0], size)))
+    def note_broken(self, indices, rank):
+        """Name each broken training photo once (rank 0), and stop the run (every rank: they all hold the same indices)
+        once more than --max-broken-images of them have been met."""
+        for i in sorted(indices):
+            path = self.samples[i][0]
+            if path not in self.broken and rank == 0:
+                try:
+                    M.open_rgb(path)
+                    reason = f"{path}: cannot read image"
+                except M.ImageError as e:
+                    reason = str(e)
+                print(f"{reason}; replaced by another training photo drawn from (seed, epoch, index), the same on "
+                      f"every rank and resume ({len(self.broken) + 1} broken so far)", flush=True)
+            self.broken.add(path)
+        limit = self.args.max_broken_images
+        limit = max(10, len(self.samples) // 1000) if limit is None else limit
+        if len(self.broken) > limit:
+            raise DataError(f"{len(self.broken)} training photos cannot be decoded (more than --max-broken-images "
+                            f"{limit}), among them {', '.join(sorted(self.broken)[:3])}: check the copy of the data "
+                            f"set, or raise the limit")
 
 
 def train_size_at(args, epoch):
@@ -785,75 +660,51 @@ def train_size_at(args, epoch):
     return int(max(16, round(size / 32) * 32)) if size not in (args.min_train_size, args.train_size) else int(size)
 
 
-def sample_crop(rng, width, height, min_scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (Szegedy et al. 2015, as in torchvision): area fraction U(min_scale, 1),
-    log-uniform aspect ratio, 10 tries, else a center crop clamped to the ratio range."""
-    area = width * height
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+def draw_augmentation(args, epoch, index, width, height):
+    """Everything random about training photo `index` of `epoch` (a width x height photo), from (seed, epoch, index):
+    RandomResizedCrop's box (Szegedy et al. 2015, as torchvision draws it: area fraction U(min_scale, 1), log-uniform
+    aspect ratio in [3/4, 4/3], 10 tries, else a center crop clamped to that range) as (x0, y0, w, h), the flip, and
+    ColorJitter's brightness/contrast/saturation factors (None without jitter) with their order."""
+    rng, ratio = M.seeded(args.seed, epoch, index, M.Stream.IMAGE), (3 / 4, 4 / 3)
     for _ in range(10):
-        target = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(*log_r))
+        target = width * height * rng.uniform(args.min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+            box = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+            break
     else:
         w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def draw_augmentation(args, epoch, index, width, height):
-    """Everything random about training photo `index` of `epoch` (a width x height photo), from (seed, epoch, index)."""
-    rng = M.seeded(args.seed, epoch, index, M.Stream.IMAGE)
-    box = sample_crop(rng, width, height, args.min_scale)
-    flip = bool(rng.random() < 0.5)
+        if width / height < ratio[0]:
+            h = int(round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            w = int(round(height * ratio[1]))
+        box = (width - w) // 2, (height - h) // 2, w, h
     j = args.color_jitter
-    factors = rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
-    return Draws(box, flip, factors, rng.permutation(3))
+    flip, factors = bool(rng.random() < 0.5), rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
+    return {"box": box, "flip": flip, "factors": factors, "order": rng.permutation(3)}
 
 
-def crop_photo(args, epoch, index, path, size):
-    """Decode the photo, crop its drawn box and resize it to size x size. Returns the PIL image and its Draws."""
-    from PIL import Image
+def augmented_photo(args, epoch, index, path, size):
+    """uint8 [3, size, size]: the photo decoded, its drawn box cropped and resized to size x size, flipped, and
+    colour-jittered (brightness, contrast, saturation in a random order, as torchvision's ColorJitter)."""
+    from PIL import Image, ImageEnhance
     d = []
 
     def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
         d.append(draw_augmentation(args, epoch, index, W, H))  # keeps the crop >= size on both sides
-        return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
+        return max(1, W * size // d[0]["box"][2]), max(1, H * size // d[0]["box"][3])
     im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: the caller replaces or names the photo)
     d = d[0] if d else draw_augmentation(args, epoch, index, W, H)  # not a JPEG: smallest_size() was not called
-    x0, y0, w, h = d.box
+    x0, y0, w, h = d["box"]
     sx, sy = im.size[0] / W, im.size[1] / H
-    return im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)), d
-
-
-def flip_jitter_pil(im, d):
-    """The crop's flip and ColorJitter (brightness, contrast, saturation in a random order, as torchvision's)."""
-    from PIL import Image, ImageEnhance
-    if d.flip:
+    im = im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
+    if d["flip"]:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    if d.factors is not None:
+    if d["factors"] is not None:
         enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-        for i in d.order:
-            im = enhancers[i](im).enhance(float(d.factors[i]))
-    return im
-
-
-@dataclasses.dataclass
-class Draws:
-    """Everything random about one training image: the crop box in the original image, the flip, and the
-    brightness/contrast/saturation factors with their order."""
-    box: tuple
-    flip: bool
-    factors: object  # np.ndarray of 3 factors, or None without jitter
-    order: np.ndarray
-
-
-def pil_to_chw(im):
+        for i in d["order"]:
+            im = enhancers[i](im).enhance(float(d["factors"][i]))
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
@@ -882,52 +733,44 @@ def make_loader(dataset, workers, device, context, batch_sampler=None, batch_siz
         prefetch_factor=4 if workers > 0 else None, multiprocessing_context=context if workers > 0 else None)
 
 
-class DeviceBatches:
-    """The loader's micro-batches as uint8 images and labels on the device, one batch ahead: on CUDA the next
-    batch is copied (pinned, non-blocking) on a side stream while this one trains. The time spent waiting for the
-    workers (data-wait) and the broken photos the workers replaced go to the epoch's sums."""
-
-    def __init__(self, loader, device, stream, sums):
-        self.device, self.stream, self.sums = device, stream, sums
-        with stop_signals_blocked():
-            self.it = iter(loader)
-        self.next = self._load()
-
-    def _load(self):
-        t = time.time()
-        try:
-            batch = next(self.it)
-        except StopIteration:
+def device_batches(loader, device, stream, sums):
+    """The loader's micro-batches as (uint8 images, labels) on the device, one batch ahead: on CUDA the next batch is
+    copied (pinned, non-blocking) on a side stream while this one trains. The time spent waiting for the workers
+    (data-wait) and the broken photos they replaced go to the epoch's sums. Closing it shuts its workers down."""
+    def load():
+        t, batch = time.time(), next(it, None)
+        if batch is None:
             return None
-        self.sums.wait += time.time() - t
-        self.sums.new_replaced += batch["replaced"][batch["replaced"] >= 0].tolist()  # (a CPU tensor: no device sync)
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            return batch["image"].to(self.device, non_blocking=True), batch["label"].to(self.device, non_blocking=True)
+        sums.wait += time.time() - t
+        sums.new_replaced += batch["replaced"][batch["replaced"] >= 0].tolist()  # (a CPU tensor: no device sync)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
 
-    def __next__(self):
-        batch = self.next
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            for t in batch:
-                t.record_stream(torch.cuda.current_stream(self.device))
-        self.next = self._load()
-        return batch
+    with stop_signals_blocked():
+        it = iter(loader)
+    ahead = load()
+    while ahead is not None:
+        if stream is not None:  # the step waits for this batch's copy alone, and keeps its memory until it is done
+            torch.cuda.current_stream(device).wait_stream(stream)
+            for x in ahead:
+                x.record_stream(torch.cuda.current_stream(device))
+        batch, ahead = ahead, load()
+        yield batch
 
-    def close(self):
-        self.it = self.next = None  # the iterator's end shuts its workers down
 
-
-# ---------------------------------------------------------------------------------------------------
-# Start-up checks and checkpoints: what rebuilds the model (model.py's format) plus what resumes the run
-# ---------------------------------------------------------------------------------------------------
-def check_inputs(args, place, restarts=0):
+# ---- Start-up checks and checkpoints: what rebuilds the model (model.py's format) plus what resumes the run ---------
+def check_inputs(args, place):
     """Everything that can fail on bad input (data, checkpoint, batch size, flags that cannot run here), done by
     every rank before the vote on it. Returns the Inputs."""
     world, cuda = place.world, place.device.type == "cuda"
     if args.sync_bn and world > 1 and not cuda:
         raise UserError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU/gloo kernels); leave it off on CPU")
     grad_accum(args, world, None)  # (a bad --global-batch is said before the data is listed)
-    classes, train, val = check_data(args.data)
+    try:
+        data = M.list_train_val(args.data)
+    except M.FolderError as e:
+        raise UserError(str(e)) from None
+    classes, train, val = data["classes"], data["train"], data["val"]
     checkpoint = resume = None
     if args.evaluate:
         path = args.checkpoint or (os.path.join(args.out, "last.pt") if args.resume == "auto" else args.resume)
@@ -940,7 +783,7 @@ def check_inputs(args, place, restarts=0):
             raise UserError(f"{path} was trained on other classes than {args.data}/val")
         checkpoint = dict(ckpt, path=path)
     else:
-        resume = load_resume(args, world, restarts)
+        resume = load_resume(args, place)
         if resume is not None and list(resume["classes"]) != list(classes):
             raise UserError(f"{resume['path']} was trained on other classes than those of {args.data}; "
                             f"resume it with its own data, or start a fresh run in another --out")
@@ -952,9 +795,8 @@ def check_inputs(args, place, restarts=0):
 
 
 def grad_accum(args, world, resume):
-    """Micro-batches per optimizer step: --grad-accum; or what makes --global-batch on this many processes; or, when a
-    run resumes with neither flag, what keeps its checkpoint's global batch (on another number of processes: elastic
-    jobs, a requeue elsewhere); else 1."""
+    """Micro-batches per optimizer step: --grad-accum; or what makes --global-batch on this many processes; or what
+    keeps a resumed run's global batch (on another number of processes: elastic jobs, a requeue elsewhere); or 1."""
     per_micro_batch = args.batch_size * world
     if args.grad_accum is not None:
         return args.grad_accum
@@ -979,29 +821,24 @@ def rebuild_info(args, classes):
                 dataset=os.path.basename(os.path.normpath(args.data)))
 
 
-def save_last(run, loop, epoch, step, sums_state):
+def save_last(run, loop, epoch, step, sums_state, best):
     """Rank 0 writes last.pt (atomically); every rank waits for it, so that nobody exits (and makes torchrun kill
-    the rest) before the file is complete."""
-    ema_ranks = ema_buffers_by_rank(run)
+    the rest) before the file is complete. Between epoch ends each rank's EMA keeps its own BN statistics, so an
+    exact resume needs every rank's, gathered here."""
+    ema_ranks = None
+    if run.ema is not None:
+        flat = torch.cat([b.detach().flatten() for b in run.ema.module.buffers() if b.dtype.is_floating_point])
+        ema_ranks = [torch.empty_like(flat) for _ in range(run.place.world)] if run.place.world > 1 else [flat]
+        if run.place.world > 1:
+            dist.all_gather(ema_ranks, flat)
+        ema_ranks = [p.cpu() for p in ema_ranks]
     if run.place.rank == 0:
         M.save_checkpoint(os.path.join(run.args.out, "last.pt"), **training_state(run), epoch=epoch, step=step,
-                          best_top1=loop.best, epoch_sums=sums_state, global_batch=loop.sampler.global_batch,
+                          best_top1=best, epoch_sums=sums_state, global_batch=loop.sampler.global_batch,
                           world_size=run.place.world, ema_rank_buffers=ema_ranks, args=vars(run.args),
                           **rebuild_info(run.args, loop.classes))
     if dist.is_initialized():
         dist.barrier()
-
-
-def ema_buffers_by_rank(run):
-    """Every rank's EMA BN statistics, flattened: between epoch ends each rank averages its own, so an exact resume
-    needs them all, not rank 0's alone (a collective: every rank calls it)."""
-    if run.ema is None:
-        return None
-    flat = torch.cat([b.detach().flatten() for b in run.ema.module.buffers() if b.dtype.is_floating_point])
-    parts = [torch.empty_like(flat) for _ in range(run.place.world)] if run.place.world > 1 else [flat]
-    if run.place.world > 1:
-        dist.all_gather(parts, flat)
-    return [p.cpu() for p in parts]
 
 
 def training_state(run):
@@ -1020,14 +857,14 @@ RESUME_MUST_MATCH = ("arch", "epochs", "seed", "lr", "warmup_epochs", "schedule"
                      "ramp_epochs", "min_scale", "color_jitter", "mixup", "cutmix", "ema", "label_smoothing")
 
 
-def load_resume(args, world, restarts=0):
+def load_resume(args, place):
     """The checkpoint to resume from, or None for a fresh start. Raises UserError on anything wrong, before anything
     is written."""
     last, resume = os.path.join(args.out, "last.pt"), args.resume
-    if resume is None and restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
+    if resume is None and place.restarts > 0:  # torchelastic's contract: a restarted rank continues from the checkpoint
         resume = "auto"
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"torchrun restart {restarts}: resuming from {last} (--resume auto, implied)", flush=True)
+        if place.rank == 0:
+            print(f"torchrun restart {place.restarts}: resuming from {last} (--resume auto, implied)", flush=True)
     if resume is None:
         for f in (last, os.path.join(args.out, "best.pt")):
             if os.path.exists(f):
@@ -1035,7 +872,7 @@ def load_resume(args, world, restarts=0):
         return None
     path = last if resume == "auto" else resume
     if resume == "auto" and not os.path.exists(path):
-        if int(os.environ.get("RANK", 0)) == 0:
+        if place.rank == 0:
             print(f"no {path} yet: starting a fresh run", flush=True)
         return None
     try:
@@ -1046,18 +883,19 @@ def load_resume(args, world, restarts=0):
         raise UserError(f"{path} is not an imagenet_ddp.py training checkpoint (no optimizer state); "
                         f"use --resume with a last.pt")
     missing = [k for k in ("model", "scheduler", "scaler", "amp", "epoch", "step", "best_top1", "epoch_sums", "ema",
-                           "ema_updates", "rng_cpu", "rng_cuda") if k not in ckpt]
+                           "ema_updates", "ema_rank_buffers", "rng_cpu", "rng_cuda", "world_size", "global_batch")
+               if k not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete training checkpoint (missing {', '.join(missing)})")
-    if ckpt.get("arch") != args.arch:
-        raise UserError(f"{path} holds a {ckpt.get('arch')}, but --arch is {args.arch}")
+    if ckpt["arch"] != args.arch:
+        raise UserError(f"{path} holds a {ckpt['arch']}, but --arch is {args.arch}")
     norm = lambda v: list(v) if isinstance(v, tuple) else v
-    ckpt["path"] = path
+    ckpt["path"], world = path, place.world
     global_batch = args.batch_size * world * grad_accum(args, world, ckpt)
     diff = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)} (not {getattr(args, k)})" for k in RESUME_MUST_MATCH
             if norm(ckpt["args"].get(k)) != norm(getattr(args, k))]
-    if ckpt.get("global_batch") != global_batch:
-        diff.append(f"a global batch (batch-size x processes x grad-accum) of {ckpt.get('global_batch')} "
+    if ckpt["global_batch"] != global_batch:
+        diff.append(f"a global batch (batch-size x processes x grad-accum) of {ckpt['global_batch']} "
                     f"(now {global_batch})")
     if diff:
         raise UserError(f"{path} was made with different settings; resume with " + ", ".join(diff))
@@ -1070,44 +908,29 @@ def restore_training_state(ckpt, run, log):
     run.sched.load_state_dict(ckpt["scheduler"])
     # A job may be requeued on other hardware: fp16 (V100, T4) to bf16 or back, or to fp32. Only fp16 keeps a
     # GradScaler; a run switching to it starts with a fresh loss scale, a run leaving it drops the old one.
-    was = ckpt["amp"]
     if run.scaler.is_enabled() and ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    if was != amp_name(run.place.amp_dtype):
-        log(f"resuming a {was} run in {amp_name(run.place.amp_dtype)}" + (": a fresh GradScaler starts the loss scale"
-                                                                    if run.scaler.is_enabled() else ""))
-    world_was = ckpt.get("world_size", run.place.world)
-    if world_was != run.place.world:
-        log(f"resuming a {world_was}-process run on {run.place.world} process(es) with --grad-accum {run.accum}: the "
-            f"same global batch ({ckpt['global_batch']}), batches and LR (README: Resume)")
+    if ckpt["amp"] != amp_name(run.place.amp_dtype):
+        fresh = ": a fresh GradScaler starts the loss scale" if run.scaler.is_enabled() else ""
+        log(f"resuming a {ckpt['amp']} run in {amp_name(run.place.amp_dtype)}{fresh}")
+    if ckpt["world_size"] != run.place.world:
+        log(f"resuming a {ckpt['world_size']}-process run on {run.place.world} process(es) with --grad-accum "
+            f"{run.accum}: the same global batch ({ckpt['global_batch']}), batches and LR (README: Resume)")
     if run.ema is not None:
         run.ema.module.load_state_dict(ckpt["ema"])
         run.ema.updates = ckpt["ema_updates"]
-        restore_ema_rank_buffers(run, ckpt.get("ema_rank_buffers"))
+        parts = ckpt["ema_rank_buffers"]  # this rank's EMA BN statistics; on another world size, the average
+        flat = parts[run.place.rank] if len(parts) == run.place.world else torch.stack(parts).mean(0)
+        buffers = [b for b in run.ema.module.buffers() if b.dtype.is_floating_point]
+        for b, chunk in zip(buffers, torch.split(flat, [b.numel() for b in buffers])):
+            b.copy_(chunk.view_as(b))
     torch.set_rng_state(ckpt["rng_cpu"])
     if ckpt["rng_cuda"] is not None and run.place.device.type == "cuda":
         torch.cuda.set_rng_state(ckpt["rng_cuda"], run.place.device)
 
 
-def restore_ema_rank_buffers(run, parts):
-    """This rank's own EMA BN statistics; on another number of processes, their average (what the epoch's end makes)."""
-    if not parts:
-        return
-    flat = parts[run.place.rank] if len(parts) == run.place.world else torch.stack(parts).mean(0)
-    buffers = [b for b in run.ema.module.buffers() if b.dtype.is_floating_point]
-    for b, chunk in zip(buffers, torch.split(flat, [b.numel() for b in buffers])):
-        b.copy_(chunk.view_as(b))
-
-
-# ===================================================================================================
-# Operations: the machinery around the training story
-# (processes and devices, stopping, loader workers, metrics and curves)
-# ===================================================================================================
-
-
-# ---------------------------------------------------------------------------------------------------
-# Processes and devices
-# ---------------------------------------------------------------------------------------------------
+# ==== Operations: the machinery around the training story ============================================================
+# ---- Processes and devices ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Place:
     """Where this process runs: its rank among world processes, its device and autocast precision."""
@@ -1115,6 +938,7 @@ class Place:
     world: int
     device: torch.device
     amp_dtype: object  # torch.bfloat16, torch.float16 or None (fp32)
+    restarts: int = 0  # how often torchrun has restarted this run
 
 
 def setup_distributed(device_name, amp):
@@ -1127,27 +951,23 @@ def setup_distributed(device_name, amp):
     elif world > 1:  # share the cores between the processes on this node, unless OMP_NUM_THREADS says otherwise
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // per_node))
+    # torchrun counts restarts per node (a node's healthy ranks restart as 0): the run's is the most any rank was told
+    restarts = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
     if world > 1:
         backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, store=attempt_store(rank), rank=rank, world_size=world,
-                                    device_id=device_id)
-        else:
-            dist.init_process_group(backend, device_id=device_id)
+        store = attempt_store(rank) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None  # or env://
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=device_id)
+        dist.all_reduce(restarts, op=dist.ReduceOp.MAX)
     if rank != 0:
         warnings.simplefilter("ignore")  # rank 0 speaks for all; the others would repeat every warning
-    return Place(rank, world, device, pick_amp(amp, device))
+    return Place(rank, world, device, pick_amp(amp, device), int(restarts.item()))
 
 
 def attempt_store(rank, timeout_s=1800):
-    """torchrun's store, seen through a namespace of this attempt alone.
-
-    torchrun keeps one store for all attempts of a run (torch 2.14), so after a restart a rank can read the
-    address the previous attempt's rank 0 left there and fail to connect (gloo: "connectFullMesh failed ...
-    Connection refused"; pytorch/pytorch#135712), whenever it gets there before the new rank 0. The restart
-    count cannot name the attempt either: torchrun counts per node. So rank 0 draws a fresh name, and each
-    other rank takes it only once rank 0 has echoed back the nonce this process drew: a name left by a dead
-    rank 0 never echoes."""
+    """torchrun's store, seen through a namespace of this attempt alone. torchrun keeps one store for all attempts
+    (torch 2.14): after a restart a rank could read the address the last attempt's rank 0 left there and fail to
+    connect ("connectFullMesh failed", pytorch/pytorch#135712). So rank 0 draws a fresh name, and each other rank takes
+    it once rank 0 has echoed the nonce this process drew: a name left by a dead rank 0 never echoes."""
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=datetime.timedelta(seconds=timeout_s))
     if rank == 0:
@@ -1164,15 +984,6 @@ def attempt_store(rank, timeout_s=1800):
             return dist.PrefixStore(name, store)
         time.sleep(0.05)
     raise RuntimeError(f"rank {rank}: no rank 0 of this attempt answered in {timeout_s} s")
-
-
-def torchrun_restarts(device):
-    """How many times torchrun has restarted this run: the most any rank was told. torchrun counts per node, and
-    a node whose own ranks were healthy restarts them with a count of 0 (torch 2.14), so every rank must ask."""
-    count = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
 
 
 def pick_device(name):
@@ -1202,8 +1013,9 @@ def amp_name(dtype):
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def fmt_time(s):
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def all_sum(values, device):
@@ -1216,45 +1028,37 @@ def all_sum(values, device):
 
 def all_average_(tensors, world):
     """Average floating-point tensors over ranks, in place."""
-    if world > 1:
-        for t in tensors:
-            if t.dtype.is_floating_point:
-                dist.all_reduce(t)
-                t.div_(world)
+    for t in tensors if world > 1 else ():
+        if t.dtype.is_floating_point:
+            dist.all_reduce(t)
+            t.div_(world)
 
 
 def gathered(items, world):
     """Every rank's list, concatenated in rank order (a collective when world > 1: every rank calls it)."""
-    if world == 1:
-        return list(items)
-    parts = [None] * world
-    dist.all_gather_object(parts, list(items))
+    parts = [list(items)] * world
+    if world > 1:
+        dist.all_gather_object(parts, list(items))
     return [x for part in parts for x in part]
 
 
 def weights_fingerprint(model, device):
-    """(sum, sum of squares) of all weights and buffers in float64, compared across ranks: True when all ranks hold
-    the same numbers (on one process, trivially)."""
-    s = sum(p.detach().double().sum() for p in model.state_dict().values() if p.dtype.is_floating_point)
-    q = sum(p.detach().double().pow(2).sum() for p in model.state_dict().values() if p.dtype.is_floating_point)
-    t = torch.stack([s, q]).to(device)
-    if not dist.is_initialized():
-        return True
-    lo, hi = t.clone(), t.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    """True when all ranks hold the same weights and buffers, by their (sum, sum of squares) in float64."""
+    floats = [p.detach().double() for p in model.state_dict().values() if p.dtype.is_floating_point]
+    lo = torch.stack([sum(p.sum() for p in floats), sum(p.pow(2).sum() for p in floats)]).to(device)
+    hi = lo.clone()
+    if dist.is_initialized():
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     return bool(torch.equal(lo, hi))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Stopping: a signal sets a flag, and all ranks agree on the step to stop after
-# ---------------------------------------------------------------------------------------------------
+# ---- Stopping: a signal sets a flag, and all ranks agree on the step to stop after ----------------------------------
 class StopFlag:
-    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step (under DDP, all ranks agree on the step),
-    saves last.pt and exits with 128+signal. Launchers repeat the signal (torchrun's agent re-sends it to every rank
-    after the whole process group got it; SLURM and Kubernetes signal the group): repeats only confirm the request,
-    and the launcher's own SIGKILL after its grace period (torchrun: 30 s) is the hard stop. Run without torchrun, a
-    second Ctrl-C kills at once."""
+    """SIGTERM, SIGINT and SIGUSR1 set a flag; the loop finishes its step, saves last.pt and exits with 128+signal.
+    Launchers repeat the signal (torchrun's agent re-sends it to every rank; SLURM and Kubernetes signal the group):
+    repeats only confirm the request, and the launcher's SIGKILL after its grace period (torchrun: 30 s) is the hard
+    stop. Run without torchrun, a second Ctrl-C kills at once."""
 
     def __init__(self):
         self.signum, self.previous = None, {}
@@ -1292,10 +1096,9 @@ class StopVote:
 
     def __init__(self, device):
         self.flags = (torch.zeros(1, device=device), torch.ones(1, device=device))
-        self.pending = None
         cuda = device.type == "cuda"
         self.slots = [(torch.zeros(1, pin_memory=True), torch.cuda.Event()) for _ in range(2)] if cuda else None
-        self.casts = 0
+        self.pending, self.casts = None, 0
 
     def cast(self, flag):
         """Vote now; return the outcome of the previous step's vote."""
@@ -1327,9 +1130,7 @@ class StopVote:
         return t.item() > 0
 
 
-# ---------------------------------------------------------------------------------------------------
-# Loader workers: started with the stop signals blocked, ignore them, end with their rank
-# ---------------------------------------------------------------------------------------------------
+# ---- Loader workers: started with the stop signals blocked, ignore them, end with their rank ------------------------
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Block the stop signals while DataLoader workers start: a worker inherits the blocked mask (fork, spawn and
@@ -1342,26 +1143,18 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def worker_init(worker_id, rank_pid=None):
-    """Workers ignore the stop signals: the rank decides when to stop, and a killed worker would make the rank
-    raise "DataLoader worker ... is killed by signal" before last.pt is written. They end with their rank, however
-    it ends (the OOM killer's SIGKILL included)."""
+def worker_init(worker_id, rank_pid):
+    """Workers ignore the stop signals (the rank decides when to stop; a killed worker would make the rank raise
+    before last.pt is written) and end with their rank, however it ends: a forkserver's worker's parent only exits
+    once every worker has closed the pipe the rank opened, so after a SIGKILL of the rank both would live on, holding
+    the launcher's output pipe. A pidfd wakes the watch when the rank exits (Linux 5.3+); else it looks every second."""
+    import select
+    import threading
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    if rank_pid is not None:
-        exit_with(rank_pid)
-
-
-def exit_with(pid):
-    """End this process when process `pid` ends. A forkserver's worker needs it: its parent is the forkserver, which
-    PyTorch's watchdog watches, and the forkserver only exits once every worker has closed the pipe the rank opened,
-    so after a SIGKILL of the rank both would live on for ever, holding the launcher's output pipe. A pidfd wakes this
-    thread the moment the rank exits (Linux 5.3+); elsewhere it looks once a second."""
-    import select
-    import threading
     try:
-        fd = os.pidfd_open(pid)
+        fd = os.pidfd_open(rank_pid)
     except ProcessLookupError:
         os._exit(1)
     except (AttributeError, OSError):
@@ -1371,34 +1164,28 @@ def exit_with(pid):
         if fd is not None:
             select.select([fd], [], [])
         else:
-            while os.getppid() != 1 and os.path.exists(f"/proc/{pid}"):
+            while os.getppid() != 1 and os.path.exists(f"/proc/{rank_pid}"):
                 time.sleep(1.0)
         os._exit(1)
     threading.Thread(target=watch, name="exit-with-rank", daemon=True).start()
 
 
 def kill_workers_left_at_exit():
-    """Workers ignore SIGTERM, so multiprocessing's exit handler (terminate(), then join()) would wait forever for
-    any an error left running (a loader held by the traceback of an exception main() does not catch): kill them
-    first, at the interpreter's exit (main() registers this; not at import, and not at main()'s end, where another
-    caller's workers in the same process may still be at work)."""
+    """Workers ignore SIGTERM, so multiprocessing's exit handler (terminate(), join()) would wait for ever for any an
+    error left running: kill them first, at the interpreter's exit (at main()'s end another caller's may be at work)."""
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()
 
 
 def worker_start_method():
-    """forkserver under a process group, fork otherwise. The process group's threads (gloo's run loop) take Python's
-    thread-state lock, so a rank that forks a worker while one holds it gives the child a lock nobody will release:
-    before Python 3.12 the child hangs in os.fork() for ever (CPython gh-112275). forkserver forks the workers from a
-    single-threaded server instead (Python 3.14's default on Linux), at the price of pickling the file list to each
-    worker; the server imports torch once, so later workers start as fast as forked ones (bench/README.md, "Loader
-    workers under a process group"). Called once per run, before the training loop's StopFlag: see below."""
+    """forkserver under a process group, fork otherwise: gloo's threads take Python's thread-state lock, and a child
+    forked while one holds it hangs in os.fork() for ever before Python 3.12 (CPython gh-112275). The server forks
+    from one thread and imports torch once (bench/README.md, "Loader workers under a process group"); started with
+    the stop signals ignored (exec keeps that), it and its resource tracker outlive a signal to the process group, as
+    the workers do. Called before the StopFlag, so no stop signal is lost here."""
     if not dist.is_initialized():
         return None
-    # The server and its resource tracker live in the rank's process group, which launchers signal as a whole:
-    # started with the stop signals ignored (exec keeps an ignored disposition), they outlive a stop, as the
-    # workers do. Run before the StopFlag, when a stop signal would still kill the rank, so none is lost here.
     multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", "model"])
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
@@ -1407,91 +1194,6 @@ def worker_start_method():
         for s, handler in previous.items():
             signal.signal(s, handler)
     return "forkserver"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Metrics and curves
-# ---------------------------------------------------------------------------------------------------
-class Metrics:
-    """OUT/metrics.jsonl (one JSON object per epoch), OUT/curves.png (with matplotlib) and, optionally,
-    TensorBoard scalars. A resumed run keeps the rows of the epochs it will not redo and redraws them all."""
-
-    def __init__(self, out, keep_until_epoch, tensorboard):
-        self.out, self.path = out, os.path.join(out, "metrics.jsonl")
-        self.rows = []
-        if keep_until_epoch > 0 and os.path.exists(self.path):  # drop epochs the resumed run will redo
-            with open(self.path) as f:
-                self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
-        self.save()
-        self.tb = open_tensorboard(tensorboard, out)
-        try:
-            import matplotlib  # noqa: F401 (the curves need it, the run does not)
-            self.curves = os.path.join(out, "curves.png")
-        except ImportError:
-            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
-            self.curves = None
-
-    def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
-        M.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
-
-    def write(self, row):
-        self.rows.append(row)
-        self.save()
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, row["epoch"])
-            self.tb.flush()
-        if self.curves:
-            draw_curves(self.rows, self.curves)
-
-
-def open_tensorboard(enabled, out):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed (pip install tensorboard): --tensorboard ignored", flush=True)
-        return None
-    return SummaryWriter(out)
-
-
-def draw_curves(rows, path):
-    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ep = [r["epoch"] for r in rows]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (augmented)")
-    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
-    a.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
-    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "top-5")):
-        if all(key in r for r in rows):
-            b.plot(ep, [r[key] for r in rows], "o-", label=label)
-    b.set(title="accuracy", xlabel="epoch", ylabel="%")
-    c.plot(ep, [r["lr"] for r in rows], "o-", color="C3")
-    log = any(r["lr"] > 0 for r in rows)  # (a one-epoch run's only LR is the schedule's final 0)
-    c.set(title="learning rate (at the epoch's end)", xlabel="epoch", ylabel="lr", yscale="log" if log else "linear")
-    for ax in (a, b):
-        ax.legend()
-    for ax in (a, b, c):
-        ax.grid(alpha=0.3)
-    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=90, format="png")
-    plt.close(fig)
-    try:  # a picture, redrawn every epoch from metrics.jsonl: losing one is no reason to end a run
-        M.atomic_write(path, png.getbuffer())
-    except M.WriteError as e:
-        print(f"{e}; the run goes on (the next checkpoint or metrics.jsonl write that fails ends it)", flush=True)
-
-
-def fmt_time(s):
-    s = int(max(s, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ CPU (CIFAR-10 photos as a folder data set), then the check of its suggestion:
     python lrfind.py --dataset folder --data-dir data/cifar10-jpg --batch-size 128 --verify 100
 One GPU, CIFAR-100 / an ImageNet-style folder (Imagenette here, ImageNet the same way):
     python lrfind.py --dataset cifar100 --device cuda --verify 200
-    python lrfind.py --dataset imagenet --data-dir data/imagenette-224 --image-size 128 --arch resnet50 --batch-size 64 --device cuda
+    python lrfind.py --dataset imagenet --data-dir data/imagenette-224 --image-size 128 --arch resnet50 \\
+        --batch-size 64 --device cuda
 
 It prints the suggested --lr as a ready command for cifar.py or imagenet_ddp.py, and writes OUT/lrfind.csv,
 OUT/lrfind.json and (with matplotlib) OUT/lrfind.png. The model, optimizer state, BN statistics and RNG state are
@@ -42,8 +43,9 @@ CIFAR = {
                      mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
 }
 RULES = ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")
-# a third of the edge, one step back from where the loss starts to climb: in bench/README.md's comparison (lrfind_compare.py)
-# it beat 0.1x and 10x of itself on every data set; the edge itself won once (c10-1800, batch 128): --verify tries both
+# a third of the edge, one step back from where the loss starts to climb: in bench/README.md's comparison
+# (lrfind_compare.py) it beat 0.1x and 10x of itself on every data set; the edge itself won once (c10-1800, batch 128):
+# --verify tries both
 DEFAULT_RULE = "edge_div3"
 
 
@@ -65,17 +67,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser():
-    p = Parser(description="LR range test: which --lr to give cifar.py or imagenet_ddp.py.", formatter_class=HelpFormatter,
-               epilog="launch commands:\n" + __doc__.split("\n\n")[1])
+    p = Parser(description="LR range test: which --lr to give cifar.py or imagenet_ddp.py.",
+               formatter_class=HelpFormatter, epilog="launch commands:\n" + __doc__.split("\n\n")[1])
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "imagenet"],
-                   help="as in cifar.py (32x32, CIFAR stem); imagenet = an ImageFolder root with train/ and val/, as imagenet_ddp.py")
-    g.add_argument("--data-dir", default="./data", help="as in cifar.py, or the ImageFolder root with --dataset imagenet")
+                   help="as in cifar.py (32x32, CIFAR stem); imagenet = an ImageFolder root with train/ and val/, as "
+                        "imagenet_ddp.py")
+    g.add_argument("--data-dir", default="./data",
+                   help="as in cifar.py, or the ImageFolder root with --dataset imagenet")
     g.add_argument("--imagenet", default=None, metavar="DIR", help="same as --dataset imagenet --data-dir DIR")
     g.add_argument("--image-size", type=int, default=224, help="training crop size with --dataset imagenet")
     g.add_argument("--workers", type=int, default=2, help="decoding threads (folder) or DataLoader workers (imagenet)")
-    g.add_argument("--min-scale", type=float, default=0.08, help="with --dataset imagenet: imagenet_ddp.py's --min-scale")
-    g.add_argument("--color-jitter", type=float, default=0.4, help="with --dataset imagenet: imagenet_ddp.py's --color-jitter")
+    g.add_argument("--min-scale", type=float, default=0.08,
+                   help="with --dataset imagenet: imagenet_ddp.py's --min-scale")
+    g.add_argument("--color-jitter", type=float, default=0.4,
+                   help="with --dataset imagenet: imagenet_ddp.py's --color-jitter")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=list(M.ARCHS), help="network")
     g.add_argument("--checkpoint", default=None, help="sweep from these weights instead of a fresh init")
@@ -88,16 +94,18 @@ def build_parser():
     g.add_argument("--num-iter", type=int, default=100, help="sweep steps")
     g.add_argument("--mode", default="exp", choices=["exp", "linear"], help="LR spacing")
     g.add_argument("--accum", type=int, default=1, help="micro-batches per step")
-    g.add_argument("--smooth", type=int, default=0, help="moving-average window of the loss in steps; 0 = 5%% of --num-iter (>= 3)")
+    g.add_argument("--smooth", type=int, default=0,
+                   help="moving-average window of the loss in steps; 0 = 5%% of --num-iter (>= 3)")
     g.add_argument("--diverge", type=float, default=4.0, help="stop once the smoothed loss exceeds this x its minimum")
     g.add_argument("--suggest", default=DEFAULT_RULE, choices=RULES,
                    help="the rule whose LR is printed when --verify is off (bench/README.md: the measured comparison)")
     g.add_argument("--verify", type=int, default=0, metavar="N",
-                   help="train N steps of One Cycle from each candidate LR (same init, same batches) and suggest the one "
-                        "with the lowest validation loss")
+                   help="train N steps of One Cycle from each candidate LR (same init, same batches) and suggest "
+                        "the one with the lowest validation loss")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision, as in the trainers")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast precision, as in the trainers")
     g.add_argument("--seed", type=int, default=0, help="seed of the init, the order and the augmentation")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="output folder (default: runs/lrfind-<dataset>-<arch>)")
@@ -111,16 +119,20 @@ def get_args(argv=None):
         args.dataset, args.data_dir = "imagenet", args.imagenet
     args.out = args.out or os.path.join("runs", f"lrfind-{args.dataset}-{args.arch}")
     args.smooth = args.smooth or max(3, round(args.num_iter * 0.05))
-    checks = [(0 < args.start_lr < args.end_lr, "need 0 < --start-lr < --end-lr"), (args.num_iter >= 10, "--num-iter must be >= 10"),
+    checks = [(0 < args.start_lr < args.end_lr, "need 0 < --start-lr < --end-lr"),
+              (args.num_iter >= 10, "--num-iter must be >= 10"),
               (args.batch_size >= 1 and args.accum >= 1, "--batch-size and --accum must be >= 1"),
               (args.smooth >= 1, "--smooth must be >= 1"), (args.diverge > 1, "--diverge must be > 1"),
-              (args.wd >= 0, "--wd must be >= 0"), (args.verify == 0 or args.verify >= 10, "--verify needs >= 10 steps"),
+              (args.wd >= 0, "--wd must be >= 0"),
+              (args.verify == 0 or args.verify >= 10, "--verify needs >= 10 steps"),
               (args.image_size >= 16, "--image-size must be >= 16"), (args.workers >= 0, "--workers must be >= 0"),
-              (0 < args.min_scale <= 1, "--min-scale must be in (0, 1]"), (args.color_jitter >= 0, "--color-jitter must be >= 0")]
+              (0 < args.min_scale <= 1, "--min-scale must be in (0, 1]"),
+              (args.color_jitter >= 0, "--color-jitter must be >= 0")]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    # cifar.py's default augmentation, which its batch_randomness() reads (mixing off: the sweep reads plain labels' loss)
+    # cifar.py's default augmentation, which its batch_randomness() reads (mixing off: the sweep reads plain labels'
+    # loss)
     args.crop_pad, args.no_flip, args.cutout, args.mixup, args.cutmix = 4, False, 0, 0.0, 0.0
     return args
 
@@ -165,19 +177,11 @@ def param_groups(model, wd):
 # ---------------------------------------------------------------------------------------------------
 # Data: batches as a function of (seed, epoch, step), so every --verify candidate sees the same ones
 # ---------------------------------------------------------------------------------------------------
-def list_image_folder(root):
+def list_train_val(root, val_names):
     try:
-        return M.list_image_folder(root)
+        return M.list_train_val(root, val_names)
     except M.FolderError as e:
         raise UserError(str(e)) from None
-
-
-def split_folders(root, val_names):
-    """(train dir, val dir) of an ImageFolder root."""
-    val = next((os.path.join(root, v) for v in val_names if os.path.isdir(os.path.join(root, v))), None)
-    if not os.path.isdir(os.path.join(root, "train")) or val is None:
-        raise UserError(f"{root} must hold train/<class>/* and {' or '.join(v + '/' for v in val_names)}<class>/*")
-    return os.path.join(root, "train"), val
 
 
 def read_cifar(args):
@@ -208,8 +212,8 @@ def read_cifar(args):
 def read_folder_32(args):
     """A folder data set as cifar.py stores it: every photo squashed to 32x32 (model.py's preprocessing)."""
     from concurrent.futures import ThreadPoolExecutor
-    train_dir, val_dir = split_folders(args.data_dir, ("test", "val"))
-    (classes, train), (_, val) = list_image_folder(train_dir), list_image_folder(val_dir)
+    folders = list_train_val(args.data_dir, ("test", "val"))
+    classes, train, val = folders["classes"], folders["train"], folders["val"]
 
     def decode(path):
         try:
@@ -219,7 +223,8 @@ def read_folder_32(args):
     splits = []
     with ThreadPoolExecutor(max(1, args.workers)) as pool:  # PIL releases the GIL while decoding
         for samples in (train, val):
-            splits.append((torch.stack(list(pool.map(decode, [p for p, _ in samples]))), torch.tensor([l for _, l in samples])))
+            x = torch.stack(list(pool.map(decode, [p for p, _ in samples])))
+            splits.append((x, torch.tensor([label for _, label in samples])))
     x = splits[0][0].float().div_(255)  # the mean and std as cifar.py measures and rounds them
     mean = tuple(round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist())
     return splits, len(classes), mean, tuple(round(v, 4) for v in x.std(dim=(0, 2, 3)).tolist())
@@ -247,12 +252,13 @@ class TensorBatches:
         """The first `limit` images, in fixed batches of 250, unaugmented."""
         n = min(limit, len(self.y))
         for i in range(0, n, 250):
-            yield M.normalize(self.x[i:min(i + 250, n)], self.mean, self.std, channels_last=True), self.y[i:min(i + 250, n)]
+            j = min(i + 250, n)
+            yield M.normalize(self.x[i:j], self.mean, self.std, channels_last=True), self.y[i:j]
 
 
 class ImageNetItems(torch.utils.data.Dataset):
-    """ImageNet-style training items (epoch, index) -> imagenet_ddp.py's pixels for them (its crop_photo and
-    flip_jitter_pil, carried here: RandomResizedCrop, flip, colour jitter drawn from (seed, epoch, index));
+    """ImageNet-style training items (epoch, index) -> imagenet_ddp.py's pixels for them (its augmented_photo, carried
+    here: RandomResizedCrop, flip, colour jitter drawn from (seed, epoch, index));
     evaluation items: model.py's resize + center crop."""
 
     def __init__(self, samples, args, train):
@@ -267,7 +273,7 @@ class ImageNetItems(torch.utils.data.Dataset):
         try:
             if not self.train:
                 return M.eval_image(path, self.size, int(self.size / M.CROP_RATIO)), label
-            return pil_to_chw(flip_jitter_pil(*crop_photo(self.args, epoch, index, path, self.size))), label
+            return augmented_photo(self.args, epoch, index, path, self.size), label
         except M.ImageError as e:
             raise UserError(str(e)) from None
 
@@ -291,7 +297,8 @@ class LoaderBatches:
         while True:
             order = M.seeded(self.seed, epoch, M.Stream.ORDER).permutation(len(self.items))
             steps = len(order) // self.batch_size
-            batches = [[(epoch, int(i)) for i in order[s * self.batch_size:(s + 1) * self.batch_size]] for s in range(steps)]
+            b = self.batch_size
+            batches = [[(epoch, int(i)) for i in order[s * b:(s + 1) * b]] for s in range(steps)]
             for x, y in self._loader(batches):
                 yield self._to_device(x, y)
             epoch += 1
@@ -305,15 +312,15 @@ class LoaderBatches:
 def make_batches(args, device):
     """(training batch source, validation batch source, number of classes, stem)."""
     if args.dataset == "imagenet":
-        train_dir, val_dir = split_folders(args.data_dir, ("val",))
-        (classes, train), (val_classes, val) = list_image_folder(train_dir), list_image_folder(val_dir)
-        if val_classes != classes:
-            raise UserError(f"train/ and val/ of {args.data_dir} have different classes")
+        folders = list_train_val(args.data_dir, ("val",))
+        classes, train, val = folders["classes"], folders["train"], folders["val"]
         if len(train) < args.batch_size:
             raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(train)} images)")
         val = [val[i] for i in M.seeded(args.seed, M.Stream.HOLDOUT).permutation(len(val))]  # class-mixed, for --verify
-        return LoaderBatches(train, args, device), LoaderBatches(val, args, device, train=False), len(classes), "imagenet"
-    ((x_tr, y_tr), (x_va, y_va)), num_classes, mean, std = (read_cifar if args.dataset != "folder" else read_folder_32)(args)
+        val_batches = LoaderBatches(val, args, device, train=False)
+        return LoaderBatches(train, args, device), val_batches, len(classes), "imagenet"
+    read = read_cifar if args.dataset != "folder" else read_folder_32
+    ((x_tr, y_tr), (x_va, y_va)), num_classes, mean, std = read(args)
     if len(y_tr) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the training set ({len(y_tr)} images)")
     keep = torch.from_numpy(M.seeded(args.seed, M.Stream.HOLDOUT).permutation(len(y_va)))
@@ -329,8 +336,8 @@ def build_model(args, num_classes, stem, device):
         except M.CheckpointError as e:
             raise UserError(str(e)) from None
         if ck["num_classes"] != num_classes or ck["stem"] != stem:
-            raise UserError(f"{args.checkpoint} is a {ck['num_classes']}-class {ck['stem']}-stem model; this data needs "
-                            f"{num_classes} classes and the {stem} stem")
+            raise UserError(f"{args.checkpoint} is a {ck['num_classes']}-class {ck['stem']}-stem model; this data "
+                            f"needs {num_classes} classes and the {stem} stem")
     else:
         torch.manual_seed(args.seed)
         net = M.build_model(args.arch, num_classes, stem=stem)
@@ -356,7 +363,8 @@ def trailing_mean(values, window):
 def centred_mean(values, window):
     """A moving average centred on each point (shorter at the ends): smoothing without lag. An exponential average
     (fastai's and torch-lr-finder's beta=0.98) trails the raw loss by up to ~50 steps, which on a 100-step sweep over
-    several decades moves the features of the curve to larger LRs: the minimum of a real sweep (bench/README.md) 4x too high."""
+    several decades moves the features of the curve to larger LRs: the minimum of a real sweep (bench/README.md) 4x
+    too high."""
     v, half = np.asarray(values, dtype=float), window // 2
     return np.array([np.mean(v[max(0, i - half):i + half + 1]) for i in range(len(v))])
 
@@ -430,7 +438,8 @@ def suggestions(records, smooth, skip_start=0.1, rise=0.1):
     finite = np.isfinite(sm)
     lrs, sm = lrs[finite], sm[finite]
     if len(sm) < 3:
-        raise UserError(f"the sweep stopped after {n} steps, too early to suggest anything: lower --start-lr or raise --diverge")
+        raise UserError(f"the sweep stopped after {n} steps, too early to suggest anything: lower --start-lr or raise "
+                        f"--diverge")
     climbed = np.nonzero(sm > np.minimum.accumulate(sm) * (1 + rise))[0]
     edge = float(lrs[climbed[0] - 1] if len(climbed) else lrs[-1])
     best = int(np.argmin(sm))
@@ -470,7 +479,8 @@ def short_one_cycle(net, train_batches, lr, steps, args, device, amp_dtype):
     `steps` steps, from the given weights, on the batch sequence from its start."""
     opt = torch.optim.SGD(param_groups(net, args.wd), lr=lr, momentum=args.momentum)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.25,
-                                                cycle_momentum=args.momentum > 0, base_momentum=0.85, max_momentum=args.momentum)
+                                                cycle_momentum=args.momentum > 0, base_momentum=0.85,
+                                                max_momentum=args.momentum)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     net.train()
     batches = train_batches()
@@ -496,7 +506,8 @@ def verify(net, train_batches, val_batches, candidates, args, device, amp_dtype)
         short_one_cycle(net, train_batches, lr, args.verify, args, device, amp_dtype)
         loss, top1 = validation_loss(net, val_batches, device, amp_dtype)
         results.append(dict(rule=rule, lr=lr, val_loss=loss if math.isfinite(loss) else float("inf"), val_top1=top1))
-        print(f"verify: {rule} lr {lr:.3g}: validation loss {loss:.4f}, top-1 {top1:.2f}% after {args.verify} steps", flush=True)
+        print(f"verify: {rule} lr {lr:.3g}: validation loss {loss:.4f}, top-1 {top1:.2f}% after {args.verify} steps",
+              flush=True)
     net.load_state_dict(init)
     return sorted(results, key=lambda r: r["val_loss"])
 
@@ -536,8 +547,9 @@ def write_outputs(out, records, result, smooth):
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.plot(lrs, losses, color="0.8", lw=1, label="loss")
     ax.plot(lrs, sm, color="C0", lw=2, label=f"smoothed ({smooth}-step centred mean)")
-    for key, color, style in (("edge", "C3", "--"), ("edge_div3", "C1", "--"), ("edge_div10", "C5", "--"), ("min", "C6", ":"),
-                              ("min_div3", "C7", ":"), ("min_div10", "C8", ":"), ("valley", "C4", "-."), ("steepest", "C2", "-.")):
+    for key, color, style in (("edge", "C3", "--"), ("edge_div3", "C1", "--"), ("edge_div10", "C5", "--"),
+                              ("min", "C6", ":"), ("min_div3", "C7", ":"), ("min_div10", "C8", ":"),
+                              ("valley", "C4", "-."), ("steepest", "C2", "-.")):
         ax.axvline(result[key], color=color, ls=style, lw=1, label=f"{key} {result[key]:.2g}")
     ax.axvline(result["suggested_lr"], color="k", lw=2.5, alpha=0.6,
                label=f"chosen {result['suggested_lr']:.2g} ({result['suggested_by']})")
@@ -555,7 +567,8 @@ def next_command(args, lr):
     if args.dataset == "imagenet":
         per_256 = lr * 256 / args.batch_size  # imagenet_ddp.py's --lr is per 256 images, scaled by the global batch
         return (f"python imagenet_ddp.py --data {args.data_dir} --arch {args.arch} --image-size {args.image_size} "
-                f"--batch-size {args.batch_size} --lr {per_256:.3g} --schedule onecycle  # --lr is per 256 images there")
+                f"--batch-size {args.batch_size} --lr {per_256:.3g} --schedule onecycle"
+                f"  # --lr is per 256 images there")
     data = "" if args.dataset == "cifar100" else f" --dataset {args.dataset}"
     data += "" if args.data_dir == "./data" else f" --data-dir {args.data_dir}"
     return f"python cifar.py{data} --arch {args.arch} --batch-size {args.batch_size} --wd {args.wd:g} --lr {lr:.3g}"
@@ -647,74 +660,50 @@ def augment(x_u8, r, mean, std, pad, cutout, channels_last):
 
 
 def draw_augmentation(args, epoch, index, width, height):
-    """Everything random about training photo `index` of `epoch` (a width x height photo), from (seed, epoch, index)."""
-    rng = M.seeded(args.seed, epoch, index, M.Stream.IMAGE)
-    box = sample_crop(rng, width, height, args.min_scale)
-    flip = bool(rng.random() < 0.5)
+    """Everything random about training photo `index` of `epoch` (a width x height photo), from (seed, epoch, index):
+    RandomResizedCrop's box (Szegedy et al. 2015, as torchvision draws it: area fraction U(min_scale, 1), log-uniform
+    aspect ratio in [3/4, 4/3], 10 tries, else a center crop clamped to that range) as (x0, y0, w, h), the flip, and
+    ColorJitter's brightness/contrast/saturation factors (None without jitter) with their order."""
+    rng, ratio = M.seeded(args.seed, epoch, index, M.Stream.IMAGE), (3 / 4, 4 / 3)
+    for _ in range(10):
+        target = width * height * rng.uniform(args.min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            box = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+            break
+    else:
+        w, h = width, height
+        if width / height < ratio[0]:
+            h = int(round(width / ratio[0]))
+        elif width / height > ratio[1]:
+            w = int(round(height * ratio[1]))
+        box = (width - w) // 2, (height - h) // 2, w, h
     j = args.color_jitter
-    factors = rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
-    return Draws(box, flip, factors, rng.permutation(3))
+    flip, factors = bool(rng.random() < 0.5), rng.uniform(1 - j, 1 + j, size=3) if j > 0 else None
+    return {"box": box, "flip": flip, "factors": factors, "order": rng.permutation(3)}
 
 
-def crop_photo(args, epoch, index, path, size):
-    """Decode the photo, crop its drawn box and resize it to size x size. Returns the PIL image and its Draws."""
-    from PIL import Image
+def augmented_photo(args, epoch, index, path, size):
+    """uint8 [3, size, size]: the photo decoded, its drawn box cropped and resized to size x size, flipped, and
+    colour-jittered (brightness, contrast, saturation in a random order, as torchvision's ColorJitter)."""
+    from PIL import Image, ImageEnhance
     d = []
 
     def smallest_size(W, H):  # the crop is drawn from the header; decode at the smallest JPEG scale that
         d.append(draw_augmentation(args, epoch, index, W, H))  # keeps the crop >= size on both sides
-        return max(1, W * size // d[0].box[2]), max(1, H * size // d[0].box[3])
+        return max(1, W * size // d[0]["box"][2]), max(1, H * size // d[0]["box"][3])
     im, (W, H) = M.open_rgb(path, smallest_size)  # (M.ImageError: the caller replaces or names the photo)
     d = d[0] if d else draw_augmentation(args, epoch, index, W, H)  # not a JPEG: smallest_size() was not called
-    x0, y0, w, h = d.box
+    x0, y0, w, h = d["box"]
     sx, sy = im.size[0] / W, im.size[1] / H
-    return im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy)), d
-
-
-def flip_jitter_pil(im, d):
-    """The crop's flip and ColorJitter (brightness, contrast, saturation in a random order, as torchvision's)."""
-    from PIL import Image, ImageEnhance
-    if d.flip:
+    im = im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
+    if d["flip"]:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    if d.factors is not None:
+    if d["factors"] is not None:
         enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-        for i in d.order:
-            im = enhancers[i](im).enhance(float(d.factors[i]))
-    return im
-
-
-def sample_crop(rng, width, height, min_scale, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (Szegedy et al. 2015, as in torchvision): area fraction U(min_scale, 1),
-    log-uniform aspect ratio, 10 tries, else a center crop clamped to the ratio range."""
-    area = width * height
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(*log_r))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-@dataclasses.dataclass
-class Draws:
-    """Everything random about one training image: the crop box in the original image, the flip, and the
-    brightness/contrast/saturation factors with their order."""
-    box: tuple
-    flip: bool
-    factors: object  # np.ndarray of 3 factors, or None without jitter
-    order: np.ndarray
-
-
-def pil_to_chw(im):
+        for i in d["order"]:
+            im = enhancers[i](im).enhance(float(d["factors"][i]))
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
 
 

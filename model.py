@@ -10,7 +10,9 @@ The module layout and every parameter/buffer name match torchvision's ``resnet.p
 networks compute the same function.
 
 Besides the networks, this file holds what the scripts must never disagree on, and no training loop:
-- the checkpoint format (atomic save, safe load, rebuild the network from a checkpoint);
+- the weights' moving average (EMA) both trainers keep, and the checkpoint format (atomic save, safe load, rebuild
+  the network from a checkpoint);
+- the run records both trainers write (metrics.jsonl, curves.png, TensorBoard scalars);
 - the evaluation preprocessing a checkpoint records (stem, mean/std, resize and crop sizes), used by
   both trainers' validation and by predict.py, so a prediction sees exactly the pixels validation saw;
 - which files are images and how a class-folder data set is listed;
@@ -18,10 +20,12 @@ Besides the networks, this file holds what the scripts must never disagree on, a
 - the names of the 1,000 ImageNet classes by synset (n01440764 -> tench);
 - MatmulConv2d, the CPU bf16 speed-up for 3x3 convs on tiny maps that cifar.py and lrfind.py train with.
 """
+import copy
 import enum
 import errno
 import functools
 import io
+import json
 import os
 import tempfile
 
@@ -34,8 +38,8 @@ import torch.nn.functional as F
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "ARCHS", "build_model", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "CheckpointError",
            "preprocessing", "eval_image", "open_rgb", "normalize", "ImageError", "readable_class_names",
-           "imagenet_class_names", "IMAGE_EXTS", "is_image", "list_image_folder", "FolderError", "Stream", "seeded",
-           "use_matmul_conv", "MatmulConv2d"]
+           "imagenet_class_names", "IMAGE_EXTS", "is_image", "list_image_folder", "list_train_val", "FolderError",
+           "Stream", "seeded", "use_matmul_conv", "MatmulConv2d", "EMA", "Metrics", "draw_curves"]
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -189,6 +193,36 @@ def build_model(arch, num_classes, stem="imagenet", zero_init_residual=False):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The weights' moving average, kept by both trainers; checkpoints store it as "ema", preferred for inference
+# ---------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the weights and BN statistics (Polyak averaging). Evaluating the average rather
+    than the last iterate smooths out SGD noise (typically +0.3-1% top-1 on short schedules); the decay ramps up as
+    (1+n)/(10+n), so early averages are not dominated by the random init. One foreach kernel per tensor group, not
+    one per tensor."""
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+        pairs = list(zip(self.module.buffers(), model.buffers()))
+        floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - d)
+        for e, m in pairs:
+            if not e.dtype.is_floating_point:  # BN's num_batches_tracked
+                e.copy_(m)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------
 # Checkpoints. A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
 #   "model": state_dict of the unwrapped, uncompiled model (no "module." / "_orig_mod." prefixes)
 #   "arch", "num_classes", "stem", "classes", "mean", "std", "image_size": enough to rebuild it and
@@ -277,8 +311,82 @@ def model_from_checkpoint(ckpt, prefer_ema=True, path="checkpoint"):
         weights = ckpt["ema"] if prefer_ema and ckpt.get("ema") is not None else ckpt["model"]
         model.load_state_dict(weights, strict=True)
     except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: weights do not fit {ckpt.get('arch')}: {str(e).splitlines()[0][:200]}") from None
+        why = str(e).splitlines()[0][:200]
+        raise CheckpointError(f"{path}: weights do not fit {ckpt.get('arch')}: {why}") from None
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run records, the same from both trainers (README's tables and bench/ read them): OUT/metrics.jsonl, one JSON
+# object per epoch, written atomically; OUT/curves.png with matplotlib; TensorBoard scalars with --tensorboard.
+# ---------------------------------------------------------------------------------------------------
+class Metrics:
+    """OUT/metrics.jsonl (one JSON object per epoch), OUT/curves.png (with matplotlib) and, optionally,
+    TensorBoard scalars. A resumed run keeps the rows of the epochs it will not redo and redraws them all."""
+
+    def __init__(self, out, keep_until_epoch, tensorboard):
+        self.path, self.rows, self.tb, self.curves = os.path.join(out, "metrics.jsonl"), [], None, None
+        if keep_until_epoch > 0 and os.path.exists(self.path):  # drop epochs the resumed run will redo
+            with open(self.path) as f:
+                self.rows = [r for r in map(json.loads, filter(str.strip, f)) if r.get("epoch", 0) <= keep_until_epoch]
+        self.save()
+        try:
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(out)
+        except ImportError:
+            print("tensorboard is not installed (pip install tensorboard): --tensorboard ignored", flush=True)
+        try:
+            import matplotlib  # noqa: F401 (the curves need it, the run does not)
+            self.curves = os.path.join(out, "curves.png")
+        except ImportError:
+            print("matplotlib is not installed (pip install matplotlib): no curves.png", flush=True)
+
+    def save(self):  # rewritten whole and atomically: a full disk leaves the last complete file, never half a line
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+
+    def write(self, row):
+        self.rows.append(row)
+        self.save()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+        if self.curves:
+            draw_curves(self.rows, self.curves)
+
+
+def draw_curves(rows, path):
+    """Loss, top-1/top-5 and learning rate per epoch in one picture, written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.8))
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train (augmented)")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
+    for key, label in (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("val_top5", "top-5")):
+        if all(key in r for r in rows):
+            b.plot(ep, [r[key] for r in rows], "o-", label=label)
+    c.plot(ep, [r["lr"] for r in rows], "o-", color="C3")
+    log = any(r["lr"] > 0 for r in rows)  # (a one-epoch run's only LR is the schedule's final 0)
+    a.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
+    b.set(title="accuracy", xlabel="epoch", ylabel="%")
+    c.set(title="learning rate (at the epoch's end)", xlabel="epoch", ylabel="lr", yscale="log" if log else "linear")
+    for ax in (a, b):
+        ax.legend()
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(path))))
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
+    plt.close(fig)
+    try:  # a picture, redrawn every epoch from metrics.jsonl: losing one is no reason to end a run
+        atomic_write(path, png.getbuffer())
+    except WriteError as e:
+        print(f"{e}; the run goes on (the next checkpoint or metrics.jsonl write that fails ends it)", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,6 +499,20 @@ def list_image_folder(root):
     if not samples:
         raise FolderError(f"{root} holds no images in its class folders")
     return classes, samples
+
+
+def list_train_val(root, val_names=("val",)):
+    """A data set's two splits: root/train/ and the first of root/<val_names>/ that exists, with the same classes.
+    Returns {"classes": [...], "train": [(path, label)], "val": [(path, label)]}."""
+    val_dir = next((os.path.join(root, v) for v in val_names if os.path.isdir(os.path.join(root, v))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or val_dir is None:
+        raise FolderError(f"{root} must hold train/<class>/* and {' or '.join(v + '/' for v in val_names)}<class>/*")
+    classes, train = list_image_folder(os.path.join(root, "train"))
+    val_classes, val = list_image_folder(val_dir)
+    if val_classes != classes:
+        diff = ", ".join(sorted(set(classes) ^ set(val_classes))[:3])
+        raise FolderError(f"train/ and {os.path.basename(val_dir)}/ of {root} have different classes (e.g. {diff})")
+    return {"classes": classes, "train": train, "val": val}
 
 
 class Stream(enum.IntEnum):

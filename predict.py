@@ -29,7 +29,8 @@ import torch
 import model as M
 
 # torchvision's ResNet50_Weights.IMAGENET1K_V2 (80.86% top-1): its file, the hash prefix in its name, its eval sizes
-PRETRAINED = dict(url="https://download.pytorch.org/models/resnet50-11ad3fa6.pth", hash="11ad3fa6", size=224, resize=232)
+PRETRAINED = dict(url="https://download.pytorch.org/models/resnet50-11ad3fa6.pth", hash="11ad3fa6", size=224,
+                  resize=232)
 
 
 class UserError(Exception):
@@ -56,21 +57,25 @@ def build_parser():
     g.add_argument("inputs", nargs="*", help="image files, folders (searched recursively) or glob patterns")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", default=None, help="checkpoint to use (default: the newest runs/**/best.pt)")
-    g.add_argument("--pretrained", action="store_true", help="torchvision's ImageNet ResNet-50 weights instead (downloaded once)")
+    g.add_argument("--pretrained", action="store_true",
+                   help="torchvision's ImageNet ResNet-50 weights instead (downloaded once)")
     g.add_argument("--arch", default=None, choices=list(M.ARCHS), help="architecture of a bare state_dict checkpoint")
     g.add_argument("--image-size", type=int, default=224, help="input size for a bare state_dict (ImageNet transform)")
     g = p.add_argument_group("runtime")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="inference device")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="autocast precision; auto = the trainers' choice")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast precision; auto = the trainers' choice")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format")
     g = p.add_argument_group("output")
     g.add_argument("--topk", type=int, default=5, help="classes to show per image")
-    g.add_argument("--json", action="store_true", help='one JSON object per image: {"path", "top": [{"label", "index", "prob"}]}')
+    g.add_argument("--json", action="store_true",
+                   help='one JSON object per image: {"path", "top": [{"label", "index", "prob"}]}')
     g.add_argument("--serve", action="store_true", help="start the web demo (gradio) instead")
     g.add_argument("--host", default="127.0.0.1", help="address the demo listens on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=7860, help="port of the demo")
-    g.add_argument("--examples", default=None, metavar="DIR", help="images in DIR become clickable examples in the demo")
+    g.add_argument("--examples", default=None, metavar="DIR",
+                   help="images in DIR become clickable examples in the demo")
     return p
 
 
@@ -150,7 +155,8 @@ def load_predictor(args):
         raise UserError(str(e)) from None
     val = ck.get("val_top1")
     facts = dict(arch=ck["arch"], trained_on=ck.get("dataset", "?"), epoch=ck.get("epoch", "?"),
-                 val_top1=f"{val:.2f}%" if isinstance(val, (int, float)) else "not recorded", ema=ck.get("ema") is not None)
+                 val_top1=f"{val:.2f}%" if isinstance(val, (int, float)) else "not recorded",
+                 ema=ck.get("ema") is not None)
     return Predictor(net, list(ck.get("class_names") or ck["classes"]), M.preprocessing(ck), path, facts)
 
 
@@ -189,8 +195,8 @@ def pretrained_predictor():
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(PRETRAINED["url"], path, hash_prefix=PRETRAINED["hash"], progress=False)
         except Exception as e:
-            raise UserError(f"--pretrained cannot download {PRETRAINED['url']} ({type(e).__name__}); offline, copy that "
-                            f"file to {path}") from None
+            raise UserError(f"--pretrained cannot download {PRETRAINED['url']} ({type(e).__name__}); offline, copy "
+                            f"that file to {path}") from None
     try:
         net = M.build_model("resnet50", 1000, stem="imagenet")
         net.load_state_dict(M.load_checkpoint(path), strict=True)
@@ -211,7 +217,8 @@ def predict(pred, batch, device, amp_dtype, channels_last, topk):
 
 
 def describe(path, classes, p, i):
-    return {"path": path, "top": [{"label": classes[j], "index": int(j), "prob": round(float(q), 6)} for q, j in zip(p, i)]}
+    top = [{"label": classes[j], "index": int(j), "prob": round(float(q), 6)} for q, j in zip(p, i)]
+    return {"path": path, "top": top}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,12 +286,12 @@ def run_cli(args, pred, device, amp_dtype):
 # ---------------------------------------------------------------------------------------------------
 def page_header(pred):
     shown = ", ".join(pred.classes[:12]) + (f", ... ({len(pred.classes)} in all)" if len(pred.classes) > 12 else "")
-    f = pred.facts
+    f, crop = pred.facts, f"resize {pred.pre['resize']}, center crop" if pred.pre["resize"] else "the whole image"
     return (f"# ResNet from scratch\n**Model** `{pred.name}`: {f.get('arch')}, trained on {f.get('trained_on', '?')}, "
             f"validation top-1 **{f.get('val_top1')}**. **Input** {pred.pre['size']}x{pred.pre['size']} pixels "
-            f"({'resize ' + str(pred.pre['resize']) + ', center crop' if pred.pre['resize'] else 'the whole image'}).\n\n"
-            f"**Classes**: {shown}\n\nDrop an image below (or click an example): the network's five most likely classes "
-            f"appear on the right. Nothing you upload is kept by this demo beyond gradio's temporary cache.")
+            f"({crop}).\n\n"
+            f"**Classes**: {shown}\n\nDrop an image below (or click an example): the network's five most likely "
+            f"classes appear on the right. Nothing you upload is kept by this demo beyond gradio's temporary cache.")
 
 
 def classify_upload(pred, path, device, amp_dtype, args):
@@ -318,7 +325,8 @@ def serve(args, pred, device, amp_dtype, gr):
         gr.Markdown(page_header(pred), elem_id="model-info")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="image (upload or drop)", file_types=["image"], type="filepath", elem_id="upload")
+                upload = gr.File(label="image (upload or drop)", file_types=["image"], type="filepath",
+                                 elem_id="upload")
                 seen = gr.Image(label="what the network sees", interactive=False, height=224, elem_id="seen")
             with gr.Column():
                 status = gr.Markdown(elem_id="status")

@@ -111,8 +111,9 @@ def test_zero_init_residual_blocks_are_identity(arch):
 
 
 def test_init_scheme():
-    """Kaiming normal with fan_out (torchvision's choice): std = sqrt(2 / (out_channels x k x k)), within 3%. fan_in would
-    be 41% larger here and Xavier 18% smaller, so either fails; BN starts at weight 1, bias 0; convs have no bias."""
+    """Kaiming normal with fan_out (torchvision's choice): std = sqrt(2 / (out_channels x k x k)), within 3%. fan_in
+    would be 41% larger here and Xavier 18% smaller, so either fails; BN starts at weight 1, bias 0; convs have no
+    bias."""
     torch.manual_seed(0)
     m = M.resnet50(10)
     for conv in (m.layer2[0].conv2, m.layer3[1].conv1, m.layer4[0].conv3, m.conv1):

@@ -13,6 +13,7 @@ All draw the same augmentation distribution (area 8-100%, ratio 3/4-4/3, flip, b
 random order) at --image-size.
 """
 import argparse
+import functools
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +41,8 @@ def loaders(a, samples):
     n = len(samples) // a.batch_size * a.batch_size
     order = imagenet_ddp.M.seeded(0, 0, imagenet_ddp.M.Stream.ORDER).permutation(len(samples))[:n].tolist()
     batches = [[(0, i) for i in order[b:b + a.batch_size]] for b in range(0, n, a.batch_size)]
-    common = dict(num_workers=a.workers, worker_init_fn=imagenet_ddp.worker_init, prefetch_factor=4)
+    worker_init = functools.partial(imagenet_ddp.worker_init, rank_pid=os.getpid())
+    common = dict(num_workers=a.workers, worker_init_fn=worker_init, prefetch_factor=4)
     ours = torch.utils.data.DataLoader(imagenet_ddp.TrainSet(samples, args), batch_sampler=batches, **common)
     folder = torchvision.datasets.ImageFolder(os.path.join(a.data, "train"), transform=article_transform(a.image_size, 0.4))
     article = torch.utils.data.DataLoader(torch.utils.data.Subset(folder, order), batch_size=a.batch_size, **common)
@@ -93,22 +96,22 @@ def breakdown_ours(train_set, samples, clock, batch_size):
         W, H = im.size
         d = imagenet_ddp.draw_augmentation(train_set.args, 0, index, W, H)
         clock.lap("header + draws")
-        if im.format == "JPEG":  # (model.open_rgb's reduced-size decoding, as crop_photo() calls it)
-            im.draft("RGB", (max(1, W * size // d.box[2]), max(1, H * size // d.box[3])))
+        if im.format == "JPEG":  # (model.open_rgb's reduced-size decoding, as augmented_photo() calls it)
+            im.draft("RGB", (max(1, W * size // d["box"][2]), max(1, H * size // d["box"][3])))
         im.load()
         im = im if im.mode == "RGB" else im.convert("RGB")
         clock.lap("decode")
-        x0, y0, w, h = d.box
+        x0, y0, w, h = d["box"]
         sx, sy = im.size[0] / W, im.size[1] / H
         im = im.resize((size, size), Image.BILINEAR, box=(x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
         clock.lap("crop + resize")
-        if d.flip:
+        if d["flip"]:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         clock.lap("flip")
-        for i in d.order:
-            im = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i](im).enhance(float(d.factors[i]))
+        for i in d["order"]:
+            im = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[i](im).enhance(float(d["factors"][i]))
         clock.lap("colour jitter")
-        items.append(imagenet_ddp.pil_to_chw(im))
+        items.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()))
         clock.lap("to tensor")
         if len(items) == batch_size:
             ipc(items, clock)
@@ -179,7 +182,7 @@ def main():
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--breakdown", action="store_true", help="per-stage times of one worker's work, in this process")
     a = p.parse_args()
-    _, samples, _ = imagenet_ddp.check_data(a.data)
+    samples = imagenet_ddp.M.list_train_val(a.data)["train"]
     (breakdown if a.breakdown else interleaved)(a, samples)
 
 

@@ -91,7 +91,7 @@ def lr0_twin(run):
     opt = torch.optim.SGD(cifar.param_groups(twin, args.wd), lr=0.0, momentum=args.momentum, nesterov=args.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     fwd = torch.compile(twin, mode=args.compile) if args.compile else twin
-    ema = cifar.EMA(twin, args.ema) if args.ema > 0 else None
+    ema = cifar.M.EMA(twin, args.ema) if args.ema > 0 else None
     return cifar.Run(args, twin, fwd, opt, sched, run.scaler, ema, run.place)
 
 

@@ -59,7 +59,7 @@ BRANCHES = {
     ("imagenet_ddp.py", "start"): "inet",
     ("imagenet_ddp.py", "build_run"): "ddp",
     ("imagenet_ddp.py", "make_loader"): "inet",
-    ("imagenet_ddp.py", "DeviceBatches"): "inet",
+    ("imagenet_ddp.py", "device_batches"): "inet",
     ("imagenet_ddp.py", "check_inputs"): "ddp_sync_bn",
     ("imagenet_ddp.py", "training_state"): "ddp_resume",
     ("imagenet_ddp.py", "load_resume"): "ddp_resume",

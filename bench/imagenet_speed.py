@@ -34,10 +34,11 @@ def main(argv=None):
             raise I.UserError("--steps must be >= 1")
         args = I.get_args(rest)
         place = I.setup_distributed(args.device, args.amp)
-        classes, train, _ = I.check_data(args.data)
+        folders = I.M.list_train_val(args.data)
+        classes, train = folders["classes"], folders["train"]
         measure = loader_alone if own.loader_only else compute_and_pipeline
         print(json.dumps(measure(args, train, len(classes), place, own.steps)), flush=True)
-    except I.UserError as e:
+    except (I.UserError, I.M.FolderError) as e:
         print(f"imagenet_speed.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0
@@ -52,7 +53,7 @@ def compute_and_pipeline(args, samples, num_classes, place, n):
     side = torch.cuda.Stream(device) if device.type == "cuda" else None  # (as the training loop copies batches)
     sums = I.EpochSums(device)
     loader = I.make_loader(I.TrainSet(samples, args), args.workers, device, None, sampler)
-    batches = I.DeviceBatches(loader, device, side, sums)
+    batches = I.device_batches(loader, device, side, sums)
     pipeline, wait = timed_steps(run, batches, n, sums)
     fixed = itertools.repeat(next(batches))  # (the compute ceiling: one batch over and over)
     batches.close()
@@ -72,7 +73,7 @@ def loader_alone(args, samples, num_classes, place, n):
         raise I.UserError(f"train/ has {sampler.steps} batches of {args.batch_size}: too few to time --steps {n}")
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     loader = I.make_loader(I.TrainSet(samples, args), args.workers, device, None, sampler)
-    batches = I.DeviceBatches(loader, device, side, I.EpochSums(device))
+    batches = I.device_batches(loader, device, side, I.EpochSums(device))
     next(batches)  # workers started and warm
     sync(device)
     t, images = time.time(), 0

@@ -239,17 +239,17 @@ def test_cifar_three_epochs_writes_outputs_and_learns(tmp_path, capsys):
 
 def test_curves_redrawn_from_the_whole_history_and_said_once_without_matplotlib(tmp_path, monkeypatch, capsys):
     drawn = []
-    monkeypatch.setattr(cifar, "draw_curves", lambda rows, path: drawn.append([r["epoch"] for r in rows]))
-    m = cifar.Metrics(str(tmp_path), 0, False)
+    monkeypatch.setattr(M, "draw_curves", lambda rows, path: drawn.append([r["epoch"] for r in rows]))
+    m = M.Metrics(str(tmp_path), 0, False)
     for e in (1, 2, 3):
         m.write(dict(epoch=e, lr=0.1, train_loss=1.0, val_loss=1.0, val_top1=50.0))
-    resumed = cifar.Metrics(str(tmp_path), 2, False)  # resuming after epoch 2: epoch 3 will be redone
+    resumed = M.Metrics(str(tmp_path), 2, False)  # resuming after epoch 2: epoch 3 will be redone
     resumed.write(dict(epoch=3, lr=0.1, train_loss=0.5, val_loss=0.9, val_top1=60.0))
     assert drawn[-1] == [1, 2, 3] and [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     capsys.readouterr()
-    without = cifar.Metrics(str(tmp_path), 3, False)
+    without = M.Metrics(str(tmp_path), 3, False)
     for e in (4, 5):
         without.write(dict(epoch=e, lr=0.1, train_loss=0.5, val_loss=0.9, val_top1=60.0))
     assert capsys.readouterr().out.count("matplotlib is not installed") == 1 and not (tmp_path / "curves.png").exists()

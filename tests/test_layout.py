@@ -45,6 +45,19 @@ def test_functions_stay_short_and_take_few_parameters():
     assert not too_big, too_big
 
 
+def test_the_trainers_stay_minimal():
+    """The sizes the trainers were brought down to (imagenet_ddp.py had grown to 1,710 lines in 88 definitions):
+    growth past them is a design question, not an edit. Lines at most 120 characters in every script and model.py."""
+    def size(path):
+        text = open(os.path.join(HERE, path)).read()
+        defs = [n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        return len(text.splitlines()), len(defs), [i + 1 for i, l in enumerate(text.splitlines()) if len(l) > 120]
+    inet, cifar = size("imagenet_ddp.py"), size("cifar.py")
+    assert inet[0] <= 1200 and inet[1] <= 60 and cifar[0] <= 875, (inet[:2], cifar[:2])
+    long_lines = {path: size(path)[2] for path in (*SCRIPTS, "model.py", "test_model.py")}
+    assert not any(long_lines.values()), long_lines
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_shows_flag_groups_and_launch_commands(script):
     res = run_script(script, "--help")
@@ -95,10 +108,9 @@ def test_carried_copies_are_byte_identical_wherever_they_are_carried():
                 carried.add(name)
     assert not drifted, "copies that drifted apart: " + ", ".join(drifted)
     assert own_seen == OWN  # (a name that left a script must leave OWN too)
-    lrfind_carries = {"epoch_order", "batch_randomness", "augment", "draw_augmentation", "crop_photo", "flip_jitter_pil",
-                      "sample_crop", "Draws", "pil_to_chw"}
-    assert lrfind_carries <= carried and {"EMA", "StopFlag", "Progress", "Metrics", "draw_curves", "UserError",
-                                          "pick_device", "pick_amp", "training_state", "diverged"} <= carried, carried
+    lrfind_carries = {"epoch_order", "batch_randomness", "augment", "draw_augmentation", "augmented_photo"}
+    assert lrfind_carries <= carried and {"StopFlag", "UserError", "pick_device", "pick_amp",
+                                          "training_state"} <= carried, carried
 
 
 def _first_line_of(path, name):
@@ -114,8 +126,8 @@ def test_each_trainer_reads_as_its_story(script, loop):
     the operations (signals, workers, metrics) after the training story, under one heading."""
     text = open(os.path.join(HERE, script)).read()
     assert _first_line_of(script, "main") < _first_line_of(script, loop) < 350
-    operations = text.index("# Operations: the machinery around the training story")
-    for helper in ("StopFlag", "Metrics", "pick_device"):
+    operations = text.index("# ==== Operations: the machinery around the training story")
+    for helper in ("StopFlag", "pick_device"):
         assert text.index(f"\n{'class' if helper[0].isupper() else 'def'} {helper}") > operations, helper
 
 

@@ -124,13 +124,14 @@ def test_checkpoints_of_compiled_models_load_into_a_bare_one(tmp_path, monkeypat
     assert checked == [("last.pt", 2), ("last.pt", 4), ("best.pt", None), ("last.pt", 0)]
 
 
-def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_keys():
+def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_keys(monkeypatch):
     """--sync-bn on several processes turns every BatchNorm into SyncBatchNorm (statistics over the global batch, not
-    a small per-GPU one), and the checkpoint keys stay those of a bare network. One process has nothing to sync."""
+    a small per-GPU one), and the checkpoint keys stay those of a bare network. One process has nothing to sync.
+    (DDP itself is left out: it accepts SyncBatchNorm on GPUs only.)"""
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: model)
     args = imagenet_ddp.get_args(["--arch", "resnet18", "--sync-bn"])
-    plain = imagenet_ddp.build_network(imagenet_ddp.get_args(["--arch", "resnet18"]), 3, 2, torch.device("cpu"))
-    synced = imagenet_ddp.build_network(args, 3, 2, torch.device("cpu"))
-    alone = imagenet_ddp.build_network(args, 3, 1, torch.device("cpu"))
+    net = lambda a, world: imagenet_ddp.build_run(a, 3, 2, imagenet_ddp.Place(0, world, torch.device("cpu"), None)).model
+    plain, synced, alone = net(imagenet_ddp.get_args(["--arch", "resnet18"]), 2), net(args, 2), net(args, 1)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert n_bn == 20 and not any(isinstance(m, nn.SyncBatchNorm) for m in plain.modules())
     assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == n_bn
@@ -211,7 +212,7 @@ def test_ema_follows_its_decay_and_averages_bn_statistics(module):
     the live statistics would not match the averaged weights), with BN's counter copied."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    ema = module.EMA(net, 0.9)
+    ema = M.EMA(net, 0.9)
     ref = {k: v.clone().double() for k, v in net.state_dict().items()}
     for n in range(1, 31):
         with torch.no_grad():
