@@ -597,12 +597,13 @@ if __name__ == "__main__":  # (the loader's forkserver imports this file too)
 def test_ddp_ranks_end_their_process_group_before_the_interpreter_exits(tmp_path, inet_data):
     """The SIGABRT at exit ("terminate called without an active exception", a finished run reported FAILED): gloo's
     threads ran on into the interpreter's exit, the process group kept alive by torch.distributed.nn's default
-    arguments and by reference cycles. A fresh 2-rank run (loader workers, curves drawn) and a resume of it must each
-    exit 0 with every rank down to its main thread when main() returns."""
+    arguments and by reference cycles (matplotlib's mathtext, which draws the log-scale LR axis of curves.png, leaves
+    tracebacks that hold the frames up to fit()). A fresh 2-rank run (loader workers, curves drawn) and a resume of it
+    must each exit 0 with every rank down to its main thread when main() returns."""
     probe = tmp_path / "probe.py"
     probe.write_text(EXIT_PROBE)
     args = ["--data", inet_data, "--out", tmp_path / "run", "--arch", "resnet18", "--image-size", "32", "--batch-size",
-            "4", "--workers", "1", "--log-every", "50", "--epochs", "1"]
+            "4", "--workers", "1", "--log-every", "50", "--epochs", "2"]  # (2: a log-scale LR axis, drawn with mathtext)
     for extra in ([], ["--resume", "auto"]):
         res = run_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", probe,
                          HERE, *map(str, args), *extra])
