@@ -149,7 +149,7 @@ MUTATIONS = [
      "        return 1\n", "test_ddp_resume_on_another_world_size"),
     ("a resume on another world size keeps --grad-accum 1", "imagenet_ddp.py",
      "    return resume[\"global_batch\"] // per_micro_batch\n", "    return 1\n",
-     "test_ddp_resume_refuses_other_classes_and_settings"),
+     "test_an_elastic_job_goes_on_when_a_node_leaves_and_keeps_its_global_batch"),
     ("a failed write leaves its temporary file", "model.py", "        if tmp is not None and os.path.exists(tmp):\n            os.remove(tmp)",
      "        pass", "test_a_full_or_read_only_disk_ends_the_run_in_one_line_and_keeps_last_pt"),
     ("metrics.jsonl is appended, not replaced atomically", "model.py",
