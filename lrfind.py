@@ -44,8 +44,8 @@ CIFAR = {
 }
 RULES = ("edge", "edge_div3", "edge_div10", "min", "min_div3", "min_div10", "valley", "steepest")
 # a third of the edge, one step back from where the loss starts to climb: in bench/README.md's comparison
-# (lrfind_compare.py) it beat 0.1x and 10x of itself on every data set; the edge itself won once (c10-1800, batch 128):
-# --verify tries both
+# (lrfind_compare.py) it beat 0.1x and 10x of itself on every data set; the edge itself won once (c10-1800,
+# batch 128): --verify tries both
 DEFAULT_RULE = "edge_div3"
 
 
@@ -131,8 +131,7 @@ def get_args(argv=None):
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    # cifar.py's default augmentation, which its batch_randomness() reads (mixing off: the sweep reads plain labels'
-    # loss)
+    # cifar.py's default augmentation, read by its batch_randomness() (mixing off: the sweep reads plain labels' loss)
     args.crop_pad, args.no_flip, args.cutout, args.mixup, args.cutmix = 4, False, 0, 0.0, 0.0
     return args
 

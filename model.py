@@ -317,8 +317,8 @@ def model_from_checkpoint(ckpt, prefer_ema=True, path="checkpoint"):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Run records, the same from both trainers (README's tables and bench/ read them): OUT/metrics.jsonl, one JSON
-# object per epoch, written atomically; OUT/curves.png with matplotlib; TensorBoard scalars with --tensorboard.
+# Run records, one format for both trainers, so their runs compare line for line: OUT/metrics.jsonl, one JSON object
+# per epoch, written atomically; OUT/curves.png with matplotlib; TensorBoard scalars with --tensorboard.
 # ---------------------------------------------------------------------------------------------------
 class Metrics:
     """OUT/metrics.jsonl (one JSON object per epoch), OUT/curves.png (with matplotlib) and, optionally,
