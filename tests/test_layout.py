@@ -109,8 +109,8 @@ def test_carried_copies_are_byte_identical_wherever_they_are_carried():
     assert not drifted, "copies that drifted apart: " + ", ".join(drifted)
     assert own_seen == OWN  # (a name that left a script must leave OWN too)
     lrfind_carries = {"epoch_order", "batch_randomness", "augment", "draw_augmentation", "augmented_photo"}
-    assert lrfind_carries <= carried and {"StopFlag", "UserError", "pick_device", "pick_amp",
-                                          "training_state"} <= carried, carried
+    assert lrfind_carries <= carried and {"StopFlag", "UserError", "pick_device", "pick_amp", "training_state",
+                                          "diverged"} <= carried, carried
 
 
 def _first_line_of(path, name):
