@@ -100,8 +100,14 @@ def write_png_bomb(path, side=30000):
     return path
 
 
-def child_env(**extra):
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+def child_env(cmd=(), **extra):
+    """A child's environment: the user's, unbuffered. imagenet_ddp.py and torchrun take a thread a process (as torchrun
+    gives 2 ranks on 2 cores): 1-process runs are compared bit for bit with 2-process ones, and oneDNN's sums depend on
+    the thread count. cifar.py, lrfind.py, predict.py and a bench script take the cores a user's run takes."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if any(s in str(c) for c in cmd for s in ("imagenet_ddp", "torch.distributed.run")):
+        env["OMP_NUM_THREADS"] = "1"
+    return dict(env, **extra)
 
 
 def descendants(pid):
@@ -135,7 +141,7 @@ def run_group(cmd, timeout=600, cwd=HERE, env=None, **kw):
     """subprocess.run in a process group of its own, killed whole at the end: a timed-out torchrun must not leave
     its ranks and their loader workers behind (they would outlive the test, and the suite)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=env or child_env(), start_new_session=True, **kw)
+                            env=env or child_env(cmd), start_new_session=True, **kw)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -162,7 +168,7 @@ class Child:
 
     def __init__(self, cmd, cwd=HERE, env=None):
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                                     env=env or child_env(), start_new_session=True)
+                                     env=env or child_env(cmd), start_new_session=True)
         self.lines, self.q = [], queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 

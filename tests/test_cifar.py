@@ -15,7 +15,7 @@ import torch.nn as nn
 import model as M
 import cifar
 
-from conftest import build_run, CIFAR_FAST, HERE, assert_state_equal, one_cycle_reference, read_jsonl, run_script, toy_images, write_evil_checkpoint, write_image_folder, write_tiny_cifar
+from conftest import build_run, CIFAR_FAST, HERE, child_env, assert_state_equal, one_cycle_reference, read_jsonl, run_script, toy_images, write_evil_checkpoint, write_image_folder, write_tiny_cifar
 
 
 def test_cifar_reads_official_format(tmp_path):
@@ -132,9 +132,11 @@ def test_cifar_one_cycle_schedule_values(flags):
 def test_cifar_short_warm_ups_climb_no_faster_than_min_warmup_steps(tmp_path, children):
     """The default --lr 0.1 is for 100 epochs of 50,000 photos; reached within a few steps, BN's statistics blow up.
     A warm-up under --min-warmup-steps (50) peaks at lr x its steps / 50; the 100-epoch recipe's is untouched. End to
-    end, 2 epochs of 320 toy photos at batch 16 (a 10-step warm-up): the default learns, as well as a hand-picked
-    small LR within 15 points, where the uncapped 0.1 (--min-warmup-steps 0) ends at 30% (bench/README.md has the
-    same on CIFAR-10 photos). The two runs side by side, one core each: about 35 s."""
+    end, 2 epochs of 320 toy photos at batch 16 (a 10-step warm-up), beside the uncapped 0.1 (--min-warmup-steps 0):
+    the uncapped run's validation loss after epoch 1 is in the thousands (BN's running statistics blew up), the
+    default's at least 10x lower (measured 10-96 against 1,868-95,028 over seeds 0-2, fp32 and bf16: the top-1 of
+    so small a run varies too much from CPU to CPU to compare; bench/README.md has the same on CIFAR-10 photos), and
+    the default learns. The two runs side by side, one core each."""
     for steps, peak in ((60, 0.1 * 61 * 0.25 / 50), (100 * 390, 0.1)):
         opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
         cifar.build_schedule(opt, cifar.get_args(["--out", "unused"]), steps)
@@ -142,14 +144,16 @@ def test_cifar_short_warm_ups_climb_no_faster_than_min_warmup_steps(tmp_path, ch
     data = write_tiny_cifar(tmp_path / "toy", n_train=320, n_test=100)
     runs = {name: children([sys.executable, os.path.join(HERE, "cifar.py"), "--dataset", "cifar10", "--data-dir", str(data),
                             "--epochs", "2", "--batch-size", "16", "--workers", "1", "--out", str(tmp_path / name), "--json",
-                            *flags]) for name, flags in (("default", []), ("hand-picked", ["--lr", "0.01"]))}
-    top1 = {}
+                            *flags], env=child_env(OMP_NUM_THREADS="1"))
+            for name, flags in (("default", []), ("uncapped", ["--min-warmup-steps", "0"]))}
+    rows = {}
     for name, c in runs.items():
         rc, text = c.finish()
         assert rc == 0, text[-3000:]
-        top1[name] = json.loads(text.splitlines()[-1])["val_top1"]
+        rows[name] = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "val_loss" in r]
         assert ("the LR peaks at 0.0205, not --lr 0.1" in text) == (name == "default"), text[-2000:]
-    assert top1["default"] >= max(80.0, top1["hand-picked"] - 15), top1
+    assert 10 * rows["default"][0]["val_loss"] < rows["uncapped"][0]["val_loss"], rows
+    assert rows["default"][-1]["val_top1"] >= 40.0, rows  # (chance: 10%)
 
 
 def test_cifar_flags_reach_the_model_and_optimizer():

@@ -155,7 +155,7 @@ def run_doc_command(command, folder, children):
     out = fresh_run_folder(script, argv)
     if out:
         shutil.rmtree(folder / out, ignore_errors=True)
-    env = child_env(TORCH_HOME=str(folder / "torch"))
+    env = child_env(argv, TORCH_HOME=str(folder / "torch"))
     if "--serve" in argv:
         pytest.importorskip("gradio")
         server = children([sys.executable if a == "python" else a for a in argv], cwd=folder, env=env)

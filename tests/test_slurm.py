@@ -129,16 +129,20 @@ def wait_for_line(log, pattern, timeout=240):
     raise AssertionError(f"{pattern!r} not in {log} within {timeout}s:\n{text}")
 
 
-def come_back(cluster, job):
-    """A requeued job: pending again with one restart; an administrator's StartTime=now skips its wait (BeginTime),
-    once the node is idle and a new second has begun: slurmd refuses a job whose credential is no newer, to the
-    second, than the kill of its previous run ("Job credential revoked")."""
-    cluster.wait_job(job, lambda f: f["JobState"] == "PENDING" and f["Restarts"] == "1", "went back to the queue")
+def come_back(cluster, job, restarts):
+    """A requeued job: pending again with its restarts counted; an administrator's StartTime=now skips its wait
+    (BeginTime), once the node is idle and a new second has begun: slurmd refuses a job whose credential is no newer,
+    to the second, than the kill of its previous run ("Job credential revoked")."""
+    cluster.wait_job(job, lambda f: f["JobState"] == "PENDING" and f["Restarts"] == str(restarts),
+                     "went back to the queue")
     deadline = time.time() + 60
     while cluster.run("sinfo", "-h", "-o", "%t").stdout.strip() != "idle" and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(2)
     assert cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+
+
+def ended(cluster, job):
     return cluster.wait_job(job, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), "ended")
 
 
@@ -148,26 +152,30 @@ def assert_same_run(a, b):
         assert_state_equal(a[key], b[key])
 
 
-@pytest.mark.parametrize("ending", ["preemption", "time limit"])
-def test_a_requeued_slurm_job_continues_at_its_step_and_ends_as_the_uninterrupted_run(slurm, ending, ddp_reference,
-                                                                                         inet_data, tmp_path):
-    """Preemption (`scontrol requeue`: SIGTERM to the job, SLURM requeues it) and the time limit (SLURM's
-    --signal=B:USR1@N, sent here at once as SLURM sends it: USR1 to the batch shell alone; the script stops the
-    ranks and requeues the job itself): the ranks save at a step, the job comes back and continues from that step,
-    and ends bit for bit where the uninterrupted 2-process run ended."""
+def test_a_job_requeued_at_its_time_limit_then_preempted_ends_as_the_uninterrupted_run(slurm, ddp_reference, inet_data,
+                                                                                      tmp_path):
+    """The two requeues a job meets, one after the other: the time limit in epoch 1 (SLURM's --signal=B:USR1@N, sent
+    here at once as SLURM sends it: USR1 to the batch shell alone; the script stops the ranks and requeues the job
+    itself), then preemption in epoch 2 (`scontrol requeue`: SIGTERM to the job, SLURM requeues it). Each time the
+    ranks save at a step, the job comes back and continues from that step; it ends bit for bit where the
+    uninterrupted 2-process run ended."""
     ref_out, _ = ddp_reference
     job, log = submit(slurm, tmp_path, tmp_path / "run", inet_data)
-    wait_for_line(log, rf"epoch 1/2 step {random.randint(2, 5)}/12")  # (the stop lands a few steps later)
-    if ending == "preemption":
-        assert slurm.run("scontrol", "requeue", job).returncode == 0
-    else:
-        assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-    fields = come_back(slurm, job)
+    for restarts, epoch in ((1, 1), (2, 2)):
+        wait_for_line(log, rf"epoch {epoch}/2 step {random.randint(2, 5)}/12")  # (the stop lands a few steps later)
+        if epoch == 1:
+            assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+        else:
+            assert slurm.run("scontrol", "requeue", job).returncode == 0
+        come_back(slurm, job, restarts)
+    fields = ended(slurm, job)
     text = log.read_text()
-    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text[-3000:])
-    stopped = re.search(r"stopped by SIGTERM at epoch 1 step (\d+); saved", text)
-    assert stopped and f"resumed from {tmp_path / 'run' / 'last.pt'} at epoch 1 step {stopped[1]}" in text, text[-3000:]
-    assert ("time limit is near" in text) == (ending == "time limit"), text[-3000:]
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", (fields, text[-3000:])
+    stops = re.findall(r"stopped by SIGTERM at epoch (\d) step (\d+); saved", text)
+    assert [e for e, _ in stops] == ["1", "2"], text[-3000:]
+    for e, step in stops:
+        assert f"resumed from {tmp_path / 'run' / 'last.pt'} at epoch {e} step {step}" in text, text[-3000:]
+    assert text.count("the time limit is near") == 1, text[-3000:]
     assert_same_run(ref_out, tmp_path / "run")
 
 
@@ -202,7 +210,8 @@ def test_cifar_under_slurm_saves_requeues_itself_at_the_time_limit_and_continues
     job, log = submit(slurm, tmp_path, None, None, "slurm/cifar.sbatch", [*flags, "--out", tmp_path / "run"])
     wait_for_line(log, rf"epoch 1/2 step {random.randint(3, 12)}/24")
     assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-    fields = come_back(slurm, job)
+    come_back(slurm, job, 1)
+    fields = ended(slurm, job)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", (fields, text[-3000:])
     stopped = re.search(r"stopped by SIGTERM at epoch 1 step (\d+); saved", text)
