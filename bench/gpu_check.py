@@ -139,9 +139,9 @@ class Check:
                 "2" if self.dry else "4", "--workers", "1", "--log-every", "1", *self.device, "--out",
                 os.path.join(self.tmp, "runs", out), *flags]
 
-    def stop_then_resume(self, script, flags, torchrun=0):
-        """Start the run, SIGTERM its process group at step 2 (as torchrun and SLURM signal), resume it; then the same
-        run uninterrupted. Returns how far apart the two final weights are."""
+    def stop_then_resume(self, script, flags, whole, torchrun=0):
+        """Start the run, SIGTERM its process group at step 2 (as torchrun and SLURM signal), resume it. Returns how
+        far apart its final weights are from those of the same run uninterrupted (an earlier row's, in `whole`)."""
         proc = subprocess.Popen(self.command(script, *flags, torchrun=torchrun), cwd=self.tmp, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         for line in proc.stdout:
@@ -150,11 +150,10 @@ class Check:
         if proc.wait(timeout=300) != 128 + signal.SIGTERM and torchrun == 0:
             raise RuntimeError(f"{script} did not stop with 128 + SIGTERM (exit {proc.returncode})")
         self.run(script, *flags, "--resume", "auto", torchrun=torchrun)
-        out = flags[flags.index("--out") + 1]
-        self.run(script, *flags[:flags.index("--out")], "--out", out + "-whole", *flags[flags.index("--out") + 2:],
-                 torchrun=torchrun)
         import model as M
-        a, b = (M.load_checkpoint(os.path.join(o, "last.pt"))["model"] for o in (out, out + "-whole"))
+        out = flags[flags.index("--out") + 1]
+        a, b = (M.load_checkpoint(os.path.join(o, "last.pt"))["model"]
+                for o in (out, os.path.join(self.tmp, "runs", whole)))
         gap = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
         return "bit-identical to the uninterrupted run" if gap == 0 else f"max weight difference {gap:.3g}"
 
@@ -165,8 +164,9 @@ def paths(c):
     cifar_speed = os.path.join("bench", "cifar_speed.py")
     inet_speed = os.path.join("bench", "imagenet_speed.py")
     return [
-        ("cifar", lambda: c.run("cifar.py", *c.cifar_flags("c", "--ema", "0.9")) and ""),
-        ("cifar_resume", lambda: c.stop_then_resume("cifar.py", c.cifar_flags("cr", "--epochs", "2"))),
+        ("cifar", lambda: c.run("cifar.py", *c.cifar_flags("c", "--epochs", "2", "--ema", "0.9")) and ""),
+        ("cifar_resume", lambda: c.stop_then_resume("cifar.py", c.cifar_flags("c-resumed", "--epochs", "2", "--ema",
+                                                                               "0.9"), whole="c")),
         ("cifar_fp16", lambda: c.run("cifar.py", *c.cifar_flags("c16", "--amp", "fp16")) and ""),
         ("cifar_graphs", lambda: c.run("cifar.py", *c.cifar_flags("cg", "--compile", "reduce-overhead")) and ""),
         ("cifar_autotune", lambda: c.run("cifar.py", *c.cifar_flags("ca", "--compile", "max-autotune")) and ""),
@@ -185,12 +185,13 @@ def paths(c):
                                  *c.device, "--out", os.path.join(c.tmp, "lr")) and ""),
         ("predict", lambda: c.run("predict.py", os.path.join(c.folder, "test"), "--checkpoint",
                                   os.path.join(c.tmp, "runs", "c", "best.pt"), *c.device) and ""),
-        ("ddp", lambda: in_sync(c.run("imagenet_ddp.py", *c.inet_flags("d2", "--json"), torchrun=2))),
+        ("ddp", lambda: in_sync(c.run("imagenet_ddp.py", *c.inet_flags("d2", "--epochs", "2", "--json"), torchrun=2))),
         ("ddp_sync_bn", lambda: in_sync(c.run("imagenet_ddp.py", *c.inet_flags("sb", "--sync-bn", "--json"),
                                               torchrun=2))),
         ("ddp_compile", lambda: in_sync(c.run("imagenet_ddp.py", *c.inet_flags("dc", "--compile", "--json"),
                                               torchrun=2))),
-        ("ddp_resume", lambda: c.stop_then_resume("imagenet_ddp.py", c.inet_flags("dr", "--epochs", "2"), torchrun=2)),
+        ("ddp_resume", lambda: c.stop_then_resume("imagenet_ddp.py", c.inet_flags("d2-resumed", "--epochs", "2",
+                                                                                  "--json"), whole="d2", torchrun=2)),
     ]
 
 
