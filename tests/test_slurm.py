@@ -161,13 +161,10 @@ def test_a_job_requeued_at_its_time_limit_then_preempted_ends_as_the_uninterrupt
     uninterrupted 2-process run ended."""
     ref_out, _ = ddp_reference
     job, log = submit(slurm, tmp_path, tmp_path / "run", inet_data)
-    for restarts, epoch in ((1, 1), (2, 2)):
+    for epoch, requeue in ((1, ["scancel", "--batch", "--signal=USR1", job]), (2, ["scontrol", "requeue", job])):
         wait_for_line(log, rf"epoch {epoch}/2 step {random.randint(2, 5)}/12")  # (the stop lands a few steps later)
-        if epoch == 1:
-            assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-        else:
-            assert slurm.run("scontrol", "requeue", job).returncode == 0
-        come_back(slurm, job, restarts)
+        assert slurm.run(*requeue).returncode == 0
+        come_back(slurm, job, restarts=epoch)
     fields = ended(slurm, job)
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "2", (fields, text[-3000:])
