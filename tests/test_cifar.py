@@ -143,8 +143,8 @@ def test_cifar_short_warm_ups_climb_no_faster_than_min_warmup_steps(tmp_path, ch
         assert opt.param_groups[0]["max_lr"] == pytest.approx(peak, rel=1e-9), steps
     data = write_tiny_cifar(tmp_path / "toy", n_train=320, n_test=100)
     runs = {name: children([sys.executable, os.path.join(HERE, "cifar.py"), "--dataset", "cifar10", "--data-dir", str(data),
-                            "--epochs", "2", "--batch-size", "16", "--workers", "1", "--out", str(tmp_path / name), "--json",
-                            *flags], env=child_env(OMP_NUM_THREADS="1"))
+                            "--epochs", "2", "--batch-size", "16", "--workers", "1", "--out", str(tmp_path / name), *flags],
+                           env=child_env(OMP_NUM_THREADS="1"))
             for name, flags in (("default", []), ("uncapped", ["--min-warmup-steps", "0"]))}
     rows = {}
     for name, c in runs.items():
