@@ -28,6 +28,7 @@ import pickle
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -389,6 +390,8 @@ def build_run(args, num_classes, total_steps, place):
     opt = torch.optim.SGD(param_groups(model, args.wd), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov)
     sched = build_schedule(opt, args, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # fp16: GradScaler skips a step whose gradients overflowed (often the first), and the schedule steps on regardless
+    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
     ema = M.EMA(model, args.ema) if args.ema > 0 else None
     fwd = torch.compile(model, mode=args.compile) if args.compile else model
     return Run(args, model, fwd, opt, sched, scaler, ema, place)

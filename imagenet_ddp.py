@@ -546,10 +546,11 @@ def build_run(args, num_classes, steps_per_epoch, place, accum=1):
     opt = torch.optim.SGD(groups, lr=peak_lr, momentum=args.momentum, nesterov=args.nesterov)
     sched = build_schedule(opt, args, steps_per_epoch, peak_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=place.amp_dtype == torch.float16)
+    # fp16: GradScaler skips a step whose gradients overflowed (often the first), and the schedule steps on regardless
+    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
     ema = M.EMA(model, args.ema) if args.ema > 0 else None
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ddp = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
     # Compiling the DDP-wrapped module lets TorchDynamo's DDPOptimizer split the graph at DDP's bucket boundaries,
     # so each bucket's all-reduce starts while the backward pass is still running.
     fwd = torch.compile(ddp, mode=args.compile) if args.compile else ddp
@@ -557,8 +558,7 @@ def build_run(args, num_classes, steps_per_epoch, place, accum=1):
 
 
 def build_schedule(opt, args, steps_per_epoch, peak_lr):
-    total = args.epochs * steps_per_epoch
-    warm = int(args.warmup_epochs * steps_per_epoch)
+    total, warm = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     if total < 3:
         raise UserError(f"the schedule has only {total} steps: use more --epochs or a smaller batch")
     if args.schedule == "onecycle":  # (warm-up >= 2 steps: OneCycleLR divides by the warm-up length)
